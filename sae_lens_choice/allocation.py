@@ -1,0 +1,432 @@
+"""Allocation rules: which (token, latent) pairs a batch keeps.
+
+Pure torch; nothing here imports SAELens. Every rule takes ``hidden_pre`` with
+any number of leading (token) dimensions and a trailing latent dimension F, and
+returns ``feature_acts`` of the same shape: ``relu(hidden_pre)`` on the chosen
+pairs, zero elsewhere. Only positive values are ever kept, so a rule may keep
+fewer pairs than its budget when the batch has too few positive entries.
+
+The selection is greedy by value (the paper's monotonic importance heuristic)
+and is not differentiated: gradients reach exactly the kept entries, as they
+would through ``relu`` restricted to them.
+
+Notation: N tokens (the product of the leading dimensions), F latents,
+T = round(k * N) pairs for a batch at expected L0 ``k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+MutualChoiceMethod = Literal["auto", "candidates", "flat"]
+
+__all__ = [
+    "FeatureChoicePlan",
+    "batch_budget",
+    "capacity_bounds",
+    "check_finite",
+    "feature_choice",
+    "mutual_choice",
+    "plan_feature_choice",
+    "round_capacities",
+    "token_choice",
+    "uniform_capacities",
+    "zipf_capacities",
+]
+
+
+# ---------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------
+
+
+def _as_matrix(hidden_pre: torch.Tensor) -> torch.Tensor:
+    """View ``hidden_pre`` as (N, F); a 1-D input is one token."""
+    if not isinstance(hidden_pre, torch.Tensor):
+        raise TypeError(f"hidden_pre must be a torch.Tensor, got {type(hidden_pre).__name__}")
+    if hidden_pre.ndim == 0:
+        raise ValueError("hidden_pre must have a latent dimension; got a 0-d tensor")
+    if hidden_pre.numel() == 0:
+        raise ValueError(
+            f"hidden_pre is empty (shape {tuple(hidden_pre.shape)}): an allocation needs "
+            "at least one token and one latent"
+        )
+    if not hidden_pre.is_floating_point():
+        raise ValueError(f"hidden_pre must be a floating tensor, got dtype {hidden_pre.dtype}")
+    return hidden_pre.reshape(-1, hidden_pre.shape[-1])
+
+
+def check_finite(hidden_pre: torch.Tensor, name: str = "hidden_pre") -> None:
+    """Raise ``ValueError`` if ``hidden_pre`` holds NaN or inf.
+
+    A NaN compares larger than every number in ``torch.topk``, so one NaN would
+    silently win every selection. This check reads a flag back from the device,
+    so hot loops call it only occasionally (see the training SAEs).
+    """
+    if not bool(torch.isfinite(hidden_pre).all()):
+        n_bad = int((~torch.isfinite(hidden_pre)).sum())
+        raise ValueError(
+            f"{name} contains {n_bad} non-finite value(s) (NaN or inf); check the input "
+            "activations and the learning rate (a diverged SAE produces NaN)"
+        )
+
+
+def _check_k(k: float, d_sae: int, name: str = "k") -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise ValueError(f"{name} must be a number, got {k!r}")
+    if not math.isfinite(k) or k <= 0:
+        raise ValueError(f"{name} must be > 0, got {k}")
+    if k > d_sae:
+        raise ValueError(f"{name}={k} is larger than the number of latents d_sae={d_sae}; use k <= d_sae")
+
+
+def batch_budget(k: float, n_tokens: int) -> int:
+    """T = round(k * N), rounding halves up, so ``k`` is the expected L0 per token."""
+    return int(math.floor(k * n_tokens + 0.5))
+
+
+# ---------------------------------------------------------------------------
+# Token Choice (SAELens `topk`)
+# ---------------------------------------------------------------------------
+
+
+def token_choice(hidden_pre: torch.Tensor, k: int, *, validate: bool = True) -> torch.Tensor:
+    """Each token keeps its ``k`` largest pre-activations (SAELens ``TopK``).
+
+    Args:
+        hidden_pre: (..., F) pre-activations.
+        k: latents per token, an integer in [1, F].
+        validate: check for non-finite values (one device read-back).
+    """
+    x = _as_matrix(hidden_pre)  # (N, F)
+    if isinstance(k, float) and not k.is_integer():
+        raise ValueError(f"k must be an integer for token choice, got {k}")
+    _check_k(k, x.shape[-1])
+    if validate:
+        check_finite(x)
+    values, indices = torch.topk(x, int(k), dim=-1, sorted=False)  # (N, k)
+    out = torch.zeros_like(x).scatter(-1, indices, values.relu())
+    return out.reshape(hidden_pre.shape)
+
+
+# ---------------------------------------------------------------------------
+# Mutual Choice (same set as SAELens `batchtopk`)
+# ---------------------------------------------------------------------------
+
+
+def _flat_top(x: torch.Tensor, budget: int) -> torch.Tensor:
+    # x: (N, F) -> (N, F) keeping the `budget` largest entries of the whole matrix
+    flat = x.reshape(-1)  # (N*F,)
+    values, indices = torch.topk(flat, budget, sorted=False)  # (T,)
+    return torch.zeros_like(flat).scatter(0, indices, values.relu()).reshape(x.shape)
+
+
+def default_candidates_per_token(k: float, d_sae: int) -> int:
+    """Candidates each token contributes to the Mutual Choice pre-selection.
+
+    4x the mean L0 covers tokens up to four times busier than average; busier
+    tokens trigger the exact fallback (see ``mutual_choice``).
+    """
+    return min(d_sae, max(4 * math.ceil(k), math.ceil(k) + 8))
+
+
+def mutual_choice(
+    hidden_pre: torch.Tensor,
+    k: float,
+    *,
+    method: MutualChoiceMethod = "auto",
+    candidates_per_token: int | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Keep the T = round(k * N) largest entries of the whole (N, F) matrix.
+
+    This selects the same set as SAELens's ``BatchTopK`` (Bussmann et al. 2024,
+    concurrent with the paper); ties are broken arbitrarily, as ``torch.topk`` does.
+
+    Args:
+        hidden_pre: (..., F) pre-activations; the leading dimensions are tokens.
+        k: expected L0 per token (may be fractional), in (0, F].
+        method: ``"flat"`` is one ``torch.topk`` over all N*F entries (what
+            BatchTopK does; no host read-back, so it suits CUDA graphs).
+            ``"candidates"`` first takes each token's top ``c`` entries
+            (``candidates_per_token``), then the global top T among those N*c.
+            That is exact unless some token had all ``c`` candidates chosen;
+            then it falls back to ``"flat"``. Deciding that reads one boolean
+            back from the device. ``"auto"`` picks ``"candidates"`` on CPU,
+            where it is several times faster than a flat top-k, and ``"flat"``
+            on accelerators, where the read-back would stall the stream.
+        candidates_per_token: ``c`` for ``"candidates"``;
+            default :func:`default_candidates_per_token`.
+        validate: check for non-finite values (one device read-back).
+    """
+    x = _as_matrix(hidden_pre)  # (N, F)
+    n_tokens, d_sae = x.shape
+    _check_k(k, d_sae)
+    if method not in ("auto", "candidates", "flat"):
+        raise ValueError(f"method must be 'auto', 'candidates' or 'flat', got {method!r}")
+    if validate:
+        check_finite(x)
+    budget = min(batch_budget(k, n_tokens), n_tokens * d_sae)
+    if candidates_per_token is not None and candidates_per_token < 1:
+        raise ValueError(f"candidates_per_token must be >= 1, got {candidates_per_token}")
+    if budget == 0:
+        return torch.zeros_like(hidden_pre)
+    if method == "auto":
+        method = "candidates" if x.device.type == "cpu" else "flat"
+    c = min(candidates_per_token or default_candidates_per_token(k, d_sae), d_sae)
+    if method == "flat" or c * n_tokens <= budget or c == d_sae:
+        return _flat_top(x, budget).reshape(hidden_pre.shape)
+
+    cand_values, cand_indices = torch.topk(x, c, dim=-1, sorted=False)  # (N, c)
+    values, flat_pos = torch.topk(cand_values.reshape(-1), budget, sorted=False)  # (T,)
+    rows = torch.div(flat_pos, c, rounding_mode="floor")  # (T,)
+    chosen_per_row = torch.bincount(rows, minlength=n_tokens)  # (N,)
+    # A token whose every candidate was chosen may have more entries above the
+    # global threshold than it was allowed to offer: only then is the shortcut
+    # inexact, and the smallest chosen value tells whether it is.
+    saturated = chosen_per_row >= c
+    if bool(saturated.any()):
+        return _flat_top(x, budget).reshape(hidden_pre.shape)
+    cols = cand_indices.reshape(-1).gather(0, flat_pos)  # (T,)
+    out = torch.zeros_like(x).reshape(-1).scatter(0, rows * d_sae + cols, values.relu())
+    return out.reshape(hidden_pre.shape)
+
+
+# ---------------------------------------------------------------------------
+# Feature Choice
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureChoicePlan:
+    """How :func:`feature_choice` splits latents into groups of similar capacity.
+
+    Each group ``(start, end, k)`` covers latents ``order[start:end]`` and uses a
+    top-``k`` over tokens with ``k`` the largest capacity any of them can get.
+    Zipf capacities put a few latents at up to N tokens and most at a handful:
+    grouping avoids a top-N over every latent. ``order`` is ``None`` when the
+    latents are already sorted by non-increasing bound (Zipf and uniform
+    capacities are), which lets each group be a slice rather than a gather.
+    """
+
+    d_sae: int
+    n_tokens: int
+    groups: tuple[tuple[int, int, int], ...]
+    order: torch.Tensor | None = None
+
+
+def plan_feature_choice(
+    capacity_bounds: torch.Tensor, n_tokens: int, growth: float = 2.0
+) -> FeatureChoicePlan:
+    """Group latents by the largest integer capacity each can receive.
+
+    Args:
+        capacity_bounds: (F,) upper bounds on the per-batch integer capacities
+            (for :func:`round_capacities` of ``c``, ``floor(c) + 1`` capped at N).
+        n_tokens: N, the number of tokens per batch the plan is for.
+        growth: a new group starts when the bound falls below ``1/growth`` of
+            the current group's ``k``.
+    """
+    bounds = capacity_bounds.detach().to("cpu", torch.int64)
+    if bounds.ndim != 1:
+        raise ValueError(f"capacity_bounds must be 1-D, got shape {tuple(bounds.shape)}")
+    if int(bounds.min()) < 0 or int(bounds.max()) > n_tokens:
+        raise ValueError(f"capacity_bounds must lie in [0, n_tokens={n_tokens}]")
+    order: torch.Tensor | None = None
+    if bool((bounds[1:] > bounds[:-1]).any()):
+        order = torch.argsort(bounds, descending=True, stable=True)
+        bounds = bounds[order]
+    groups: list[tuple[int, int, int]] = []
+    values = bounds.tolist()
+    start = 0
+    while start < len(values):
+        k = values[start]
+        if k == 0:
+            break  # the remaining latents get no tokens in any batch
+        end = start + 1
+        while end < len(values) and values[end] * growth > k:
+            end += 1
+        groups.append((start, end, k))
+        start = end
+    return FeatureChoicePlan(
+        d_sae=len(values),
+        n_tokens=n_tokens,
+        groups=tuple(groups),
+        order=None if order is None else order.to(capacity_bounds.device),
+    )
+
+
+def _check_capacities(capacities: torch.Tensor, n_tokens: int, d_sae: int) -> None:
+    if not isinstance(capacities, torch.Tensor):
+        raise ValueError(f"capacities must be an integer tensor, got {type(capacities).__name__}")
+    if capacities.shape != (d_sae,):
+        raise ValueError(
+            f"capacities must have shape (d_sae,) = ({d_sae},), got {tuple(capacities.shape)}"
+        )
+    if capacities.is_floating_point() or capacities.is_complex():
+        raise ValueError(
+            f"capacities must be integers (dtype {capacities.dtype}); use round_capacities(c) "
+            "to turn expected counts into integers"
+        )
+    if bool((capacities < 0).any()):
+        raise ValueError("capacities must be >= 0; got a negative capacity")
+    if bool((capacities > n_tokens).any()):
+        raise ValueError(
+            f"capacities must be <= the number of tokens N={n_tokens}; "
+            f"got a capacity of {int(capacities.max())}"
+        )
+
+
+def feature_choice(
+    hidden_pre: torch.Tensor,
+    capacities: torch.Tensor,
+    *,
+    plan: FeatureChoicePlan | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Latent j keeps its ``capacities[j]`` largest tokens (positive values only).
+
+    Args:
+        hidden_pre: (..., F) pre-activations; the leading dimensions are tokens.
+        capacities: (F,) integer tensor, each entry in [0, N].
+        plan: grouping from :func:`plan_feature_choice`. Without one, a single
+            top-k with the largest capacity is used, which reads that maximum
+            back from the device.
+        validate: check capacities and finiteness (device read-backs).
+
+    The selection runs over tokens for each latent, so it works on the (F, N)
+    transpose. When ``hidden_pre`` is itself a transposed view of an (F, N)
+    contiguous tensor (the training SAE computes it that way) no copy is made.
+    The result may then be a non-contiguous (N, F) view.
+    """
+    x = _as_matrix(hidden_pre)  # (N, F)
+    n_tokens, d_sae = x.shape
+    if validate:
+        _check_capacities(capacities, n_tokens, d_sae)
+        check_finite(x)
+    if plan is None:
+        k_max = int(capacities.max())
+        plan = FeatureChoicePlan(
+            d_sae=d_sae, n_tokens=n_tokens, groups=((0, d_sae, k_max),) if k_max > 0 else ()
+        )
+    elif plan.d_sae != d_sae or plan.n_tokens != n_tokens:
+        raise ValueError(
+            f"plan was made for (n_tokens={plan.n_tokens}, d_sae={plan.d_sae}) but hidden_pre "
+            f"has (n_tokens={n_tokens}, d_sae={d_sae}); build it with plan_feature_choice"
+        )
+    xt = x.t()  # (F, N)
+    if not xt.is_contiguous():
+        xt = xt.contiguous()
+    caps = capacities.to(device=x.device, dtype=torch.long)
+    if plan.order is not None:
+        xt = xt.index_select(0, plan.order)
+        caps = caps.index_select(0, plan.order)
+    out_t = torch.zeros_like(xt)  # (F, N), in plan order
+    for start, end, k in plan.groups:
+        values, token_idx = torch.topk(xt[start:end], k, dim=-1, sorted=True)  # (g, k)
+        rank = torch.arange(k, device=x.device)
+        keep = rank[None, :] < caps[start:end, None]  # (g, k)
+        values = torch.where(keep, values.relu(), values.new_zeros(()))
+        out_t[start:end].scatter_(-1, token_idx, values)
+    if plan.order is not None:
+        out_t = torch.zeros_like(out_t).index_copy(0, plan.order, out_t)
+    return out_t.t().reshape(hidden_pre.shape)
+
+
+# ---------------------------------------------------------------------------
+# Capacities
+# ---------------------------------------------------------------------------
+
+
+def _check_capacity_args(n_tokens: int, d_sae: int, k: float) -> None:
+    if not isinstance(n_tokens, int) or n_tokens <= 0:
+        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if not isinstance(d_sae, int) or d_sae <= 0:
+        raise ValueError(f"d_sae must be a positive integer, got {d_sae!r}")
+    _check_k(k, d_sae)
+
+
+def uniform_capacities(n_tokens: int, d_sae: int, k: float) -> torch.Tensor:
+    """Expected tokens per latent when every latent gets the same share: T / F.
+
+    Returns a float64 (F,) tensor summing to ``k * n_tokens``; since k <= F each
+    entry is <= N.
+    """
+    _check_capacity_args(n_tokens, d_sae, k)
+    return torch.full((d_sae,), k * n_tokens / d_sae, dtype=torch.float64)
+
+
+def zipf_capacities(
+    n_tokens: int, d_sae: int, k: float, alpha: float = 1.0, beta: float = 0.0
+) -> torch.Tensor:
+    """Expected tokens per latent following a Zipf–Mandelbrot law over latent index.
+
+    ``c_j`` is proportional to ``(j + 1 + beta) ** -alpha``, so low-index latents
+    are the frequent ones (this breaks the symmetry between latents). Any
+    ``c_j`` above N is clipped to N and the excess is re-spread over the other
+    latents in proportion to their weights (water-filling), so the total stays
+    ``k * n_tokens``.
+
+    Returns:
+        float64 (F,) tensor, non-increasing, each entry in (0, N].
+    """
+    _check_capacity_args(n_tokens, d_sae, k)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"zipf alpha must be > 0, got {alpha}")
+    if not math.isfinite(beta) or beta <= -1:
+        raise ValueError(f"zipf beta must be > -1 (so that j + 1 + beta > 0), got {beta}")
+    total = k * n_tokens
+    weights = (torch.arange(d_sae, dtype=torch.float64) + 1.0 + beta).pow(-alpha)
+    # Weights decrease with j, so the clipped latents are always a prefix: find
+    # the shortest prefix p such that spreading the rest leaves latent p under N.
+    capacities = torch.empty(d_sae, dtype=torch.float64)
+    tail_weight = torch.flip(torch.cumsum(torch.flip(weights, [0]), 0), [0])  # sum_{i>=p} w_i
+    for p in range(d_sae + 1):
+        if p == d_sae:
+            # k <= F guarantees total <= F * N, so every latent is at N.
+            capacities.fill_(float(n_tokens))
+            break
+        remaining = total - p * n_tokens
+        share = remaining * weights[p] / tail_weight[p]
+        if share <= n_tokens:
+            capacities[:p] = float(n_tokens)
+            capacities[p:] = remaining * weights[p:] / tail_weight[p]
+            break
+    return capacities
+
+
+def round_capacities(
+    capacities: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Integer capacities for one batch, unbiased and with a fixed total.
+
+    Systematic rounding: with one uniform offset ``u`` and cumulative sums
+    ``C_j``, ``m_j = floor(C_j + u) - floor(C_{j-1} + u)``. Each ``m_j`` is
+    ``floor(c_j)`` or ``ceil(c_j)``, ``E[m_j] = c_j``, and ``sum m_j`` equals the
+    total exactly when the total is an integer (else its floor or ceil, with
+    the right expectation). A latent with ``c_j < 1`` gets one token on a
+    fraction ``c_j`` of batches, so it cannot die.
+
+    Runs on the capacities' device without reading anything back.
+    """
+    if capacities.ndim != 1:
+        raise ValueError(f"capacities must be 1-D, got shape {tuple(capacities.shape)}")
+    c = capacities.to(torch.float64)
+    if generator is not None and generator.device != c.device:
+        offset = torch.rand((), generator=generator, dtype=torch.float64).to(c.device)
+    else:
+        offset = torch.rand((), generator=generator, dtype=torch.float64, device=c.device)
+    cumulative = torch.floor(torch.cumsum(c, 0) + offset)  # (F,)
+    previous = torch.cat([torch.floor(offset).reshape(1), cumulative[:-1]])
+    # Floating error can only nudge a floor across an integer; clamp to the
+    # bounds the exact arithmetic guarantees.
+    return (cumulative - previous).clamp_(torch.floor(c), torch.ceil(c)).to(torch.long)
+
+
+def capacity_bounds(capacities: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The largest integer :func:`round_capacities` can give each latent."""
+    return torch.ceil(capacities.to(torch.float64)).clamp(max=n_tokens).to(torch.long)

@@ -1,0 +1,166 @@
+"""Zipf–Mandelbrot laws over latent ranks: pmf, fit, and the under-use test.
+
+Pure torch; nothing here imports SAELens. Densities are firing fractions
+(the share of tokens a latent fires on); rank 1 is the densest latent. The fit
+is ``log p(r) = log C - alpha * log(r + beta)`` by least squares in log-log
+space over a window of ranks, with ``beta`` found by a two-stage grid search
+that runs as tensor operations (no read-back), so training can refit it every
+step.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ZipfFit",
+    "density_ranks",
+    "fit_zipf",
+    "underused_mask",
+    "zipf_mandelbrot_pmf",
+]
+
+
+class ZipfFit(NamedTuple):
+    """A fitted ``p(r) = C * (r + beta) ** -alpha``; fields are 0-d float64 tensors.
+
+    ``r2`` is the coefficient of determination of the log-log fit over the
+    ranks used (0 when those log-densities are all equal). ``n_points`` is how
+    many ranks with positive density the fit used.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    C: torch.Tensor
+    r2: torch.Tensor
+    n_points: torch.Tensor
+
+    def predict(self, ranks: torch.Tensor) -> torch.Tensor:
+        """p(r) at 1-based ``ranks``."""
+        r = ranks.to(torch.float64)
+        return self.C * (r + self.beta).pow(-self.alpha)
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain floats (reads the values back from the device)."""
+        return {name: float(value) for name, value in self._asdict().items()}
+
+
+def zipf_mandelbrot_pmf(n_ranks: int, alpha: float, beta: float = 0.0) -> torch.Tensor:
+    """Normalised Zipf–Mandelbrot probabilities over ranks 1..n_ranks (float64)."""
+    if n_ranks <= 0:
+        raise ValueError(f"n_ranks must be positive, got {n_ranks}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    if beta <= -1:
+        raise ValueError(f"beta must be > -1 (so that rank + beta > 0), got {beta}")
+    weights = (torch.arange(1, n_ranks + 1, dtype=torch.float64) + beta).pow(-alpha)
+    return weights / weights.sum()
+
+
+def density_ranks(densities: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each latent by descending density (ties by index)."""
+    order = torch.argsort(densities, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, densities.numel() + 1, device=densities.device)
+    return ranks
+
+
+def _regress(
+    log_r: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # log_r: (G, F) for G candidate betas; y, w: (F,). Weighted least squares of
+    # y on log_r per row; returns slope, intercept, sse, sst, each (G,).
+    n = w.sum().clamp(min=1.0)
+    mx = (w * log_r).sum(-1) / n  # (G,)
+    my = (w * y).sum() / n  # ()
+    dx = log_r - mx[:, None]  # (G, F)
+    dy = y - my  # (F,)
+    sxx = (w * dx * dx).sum(-1).clamp(min=1e-300)
+    slope = (w * dx * dy).sum(-1) / sxx
+    intercept = my - slope * mx
+    residual = y - intercept[:, None] - slope[:, None] * log_r
+    sse = (w * residual * residual).sum(-1)
+    sst = (w * dy * dy).sum()
+    return slope, intercept, sse, sst.expand_as(sse)
+
+
+def fit_zipf(
+    densities: torch.Tensor,
+    rank_window: tuple[int | None, int | None] | None = None,
+    *,
+    max_beta: float | None = None,
+    grid_size: int = 64,
+) -> ZipfFit:
+    """Fit a Zipf–Mandelbrot law to latent densities by rank.
+
+    Args:
+        densities: (F,) non-negative firing densities, any order.
+        rank_window: 1-based inclusive ranks ``(lo, hi)`` to fit on; ``None``
+            ends mean the first / last rank. Zero densities are dead latents:
+            they are left out of the fit wherever they fall.
+        max_beta: largest ``beta`` searched (default ``10 * hi``). ``beta`` is
+            searched on ``[0, max_beta]``.
+        grid_size: points in each of the two grid stages.
+
+    Returns:
+        :class:`ZipfFit` with 0-d float64 tensors on the densities' device.
+    """
+    if densities.ndim != 1 or densities.numel() == 0:
+        raise ValueError(f"densities must be a non-empty 1-D tensor, got shape {tuple(densities.shape)}")
+    d = densities.detach().to(torch.float64)
+    n = d.numel()
+    lo, hi = rank_window if rank_window is not None else (None, None)
+    lo = 1 if lo is None else int(lo)
+    hi = n if hi is None else min(int(hi), n)
+    if lo < 1 or hi < lo:
+        raise ValueError(f"rank_window must satisfy 1 <= lo <= hi, got ({lo}, {hi})")
+    if grid_size < 4:
+        raise ValueError(f"grid_size must be >= 4, got {grid_size}")
+
+    sorted_d = torch.sort(d, descending=True).values  # (F,)
+    ranks = torch.arange(1, n + 1, dtype=torch.float64, device=d.device)  # (F,)
+    w = ((sorted_d > 0) & (ranks >= lo) & (ranks <= hi)).to(torch.float64)
+    y = torch.log(torch.where(sorted_d > 0, sorted_d, torch.ones_like(sorted_d)))
+
+    top = float(max_beta) if max_beta is not None else 10.0 * hi
+    coarse = torch.cat(
+        [
+            torch.zeros(1, dtype=torch.float64, device=d.device),
+            torch.logspace(-2, torch.log10(torch.tensor(top)).item(), grid_size - 1,
+                           dtype=torch.float64, device=d.device),
+        ]
+    )  # (G,)
+    _, _, sse, _ = _regress(torch.log(ranks[None, :] + coarse[:, None]), y, w)
+    best = torch.argmin(sse)
+    left = coarse[(best - 1).clamp(min=0)]
+    right = coarse[(best + 1).clamp(max=grid_size - 1)]
+    fine = left + (right - left) * torch.linspace(0, 1, grid_size, dtype=torch.float64, device=d.device)
+    slope, intercept, sse, sst = _regress(torch.log(ranks[None, :] + fine[:, None]), y, w)
+    i = torch.argmin(sse)
+    r2 = torch.where(sst[i] > 0, 1.0 - sse[i] / sst[i].clamp(min=1e-300), torch.zeros_like(sst[i]))
+    return ZipfFit(
+        alpha=-slope[i],
+        beta=fine[i],
+        C=torch.exp(intercept[i]),
+        r2=r2,
+        n_points=w.sum(),
+    )
+
+
+def underused_mask(densities: torch.Tensor, fit: ZipfFit, gamma: float) -> torch.Tensor:
+    """Latents firing less than ``gamma`` times what the fitted law expects at their rank.
+
+    ``U = {j : rho_j < gamma * p(rank_j)}`` (DESIGN section 4). With ``gamma = 0``
+    the set is empty. A latent of density 0 is flagged for any ``gamma > 0``.
+
+    Args:
+        densities: (F,) firing densities.
+        fit: a :class:`ZipfFit` of those densities.
+        gamma: ratio in [0, 1].
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma (zipf_underuse_ratio) must be in [0, 1], got {gamma}")
+    expected = fit.predict(density_ranks(densities))
+    return densities.to(torch.float64) < gamma * expected
