@@ -81,7 +81,9 @@ def _check_k(k: float, d_sae: int, name: str = "k") -> None:
     if not math.isfinite(k) or k <= 0:
         raise ValueError(f"{name} must be > 0, got {k}")
     if k > d_sae:
-        raise ValueError(f"{name}={k} is larger than the number of latents d_sae={d_sae}; use k <= d_sae")
+        raise ValueError(
+            f"{name}={k} is larger than the number of latents d_sae={d_sae}; use k <= d_sae"
+        )
 
 
 def batch_budget(k: float, n_tokens: int) -> int:

@@ -108,7 +108,9 @@ def fit_zipf(
         :class:`ZipfFit` with 0-d float64 tensors on the densities' device.
     """
     if densities.ndim != 1 or densities.numel() == 0:
-        raise ValueError(f"densities must be a non-empty 1-D tensor, got shape {tuple(densities.shape)}")
+        raise ValueError(
+            f"densities must be a non-empty 1-D tensor, got shape {tuple(densities.shape)}"
+        )
     d = densities.detach().to(torch.float64)
     n = d.numel()
     lo, hi = rank_window if rank_window is not None else (None, None)
@@ -128,15 +130,22 @@ def fit_zipf(
     coarse = torch.cat(
         [
             torch.zeros(1, dtype=torch.float64, device=d.device),
-            torch.logspace(-2, torch.log10(torch.tensor(top)).item(), grid_size - 1,
-                           dtype=torch.float64, device=d.device),
+            torch.logspace(
+                -2,
+                torch.log10(torch.tensor(top)).item(),
+                grid_size - 1,
+                dtype=torch.float64,
+                device=d.device,
+            ),
         ]
     )  # (G,)
     _, _, sse, _ = _regress(torch.log(ranks[None, :] + coarse[:, None]), y, w)
     best = torch.argmin(sse)
     left = coarse[(best - 1).clamp(min=0)]
     right = coarse[(best + 1).clamp(max=grid_size - 1)]
-    fine = left + (right - left) * torch.linspace(0, 1, grid_size, dtype=torch.float64, device=d.device)
+    fine = left + (right - left) * torch.linspace(
+        0, 1, grid_size, dtype=torch.float64, device=d.device
+    )
     slope, intercept, sse, sst = _regress(torch.log(ranks[None, :] + fine[:, None]), y, w)
     i = torch.argmin(sse)
     r2 = torch.where(sst[i] > 0, 1.0 - sse[i] / sst[i].clamp(min=1e-300), torch.zeros_like(sst[i]))
