@@ -7,6 +7,8 @@ Importing this package registers ``architecture="mutual_choice"`` and
 """
 
 from sae_lens_choice import allocation, losses, zipf
+from sae_lens_choice.calibration import calibrate_thresholds
+from sae_lens_choice.export import to_jumprelu
 from sae_lens_choice.inference import (
     FeatureChoiceSAE,
     FeatureChoiceSAEConfig,
@@ -36,6 +38,8 @@ __all__ = [
     "MutualChoiceTrainingSAEConfig",
     "__version__",
     "allocation",
+    "calibrate_thresholds",
     "losses",
+    "to_jumprelu",
     "zipf",
 ]

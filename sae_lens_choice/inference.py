@@ -8,14 +8,21 @@ has one global threshold (stored once per latent, all equal, so that folding
 decoder norms stays exact); Feature Choice one per latent.
 
 ``inference_mode="batch"`` instead reproduces the training allocation over
-the batch given (config field, switchable after loading).
+the batch given (config field, switchable after loading:
+``sae.cfg.inference_mode = "batch"``).
+
+Thresholds come from training (an EMA) and can be recomputed exactly from
+held-out activations with :func:`sae_lens_choice.calibrate_thresholds`;
+:func:`sae_lens_choice.to_jumprelu` turns either SAE into SAELens's own
+``JumpReLUSAE`` with identical outputs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from sae_lens.saes.sae import SAE, SAEConfig
@@ -39,6 +46,11 @@ InferenceMode = Literal["threshold", "batch"]
 Capacity = Literal["zipf", "uniform"]
 
 _MODES = ("threshold", "batch")
+_METHODS = ("auto", "candidates", "flat")
+_CAPACITIES = ("zipf", "uniform")
+
+# Default of fields that every saved config must state (no sensible default).
+_REQUIRED: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +136,8 @@ def choice_hidden_pre(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor:
     row norms when ``rescale_acts_by_decoder_norm`` (so the allocation sees
     each latent's contribution as if its decoder row had unit norm).
     """
-    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + sae.b_enc)
+    b_enc: torch.Tensor = sae.b_enc  # type: ignore[assignment]  (subclass parameter)
+    hidden_pre = sae.hook_sae_acts_pre(sae_in @ sae.W_enc + b_enc)
     if sae.cfg.rescale_acts_by_decoder_norm:
         hidden_pre = hidden_pre * sae.W_dec.norm(dim=-1)
     return hidden_pre
@@ -140,12 +153,21 @@ def jumprelu(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class _ChoiceSAEConfig(SAEConfig):
     """Fields shared by the Mutual and Feature Choice inference configs.
 
+    Every field is validated on construction (so also when SAELens loads a
+    ``cfg.json``); an invalid or missing value raises ``ValueError`` naming
+    the field.
+
     Args:
-        k (float): Expected L0 per token the SAE was trained (and calibrated) for.
+        k (float): Expected L0 per token the SAE was trained (and calibrated)
+            for. Required: a config without it is rejected.
         rescale_acts_by_decoder_norm (bool): Multiply pre-activations by decoder
             row norms (as in TopK). Saved SAEs have the norms folded in, so
             this is then a no-op.
@@ -153,21 +175,40 @@ class _ChoiceSAEConfig(SAEConfig):
             ``"batch"`` (the exact training allocation over the batch given).
     """
 
-    k: float = 32
+    k: float = _REQUIRED
     rescale_acts_by_decoder_norm: bool = False
     inference_mode: InferenceMode = "threshold"
 
+    def _fail(self, field_name: str, message: str) -> NoReturn:
+        raise ValueError(f"{self.architecture()} config: {field_name} {message}")
+
     def __post_init__(self):
         super().__post_init__()
-        arch = self.architecture()
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
-            raise ValueError(f"{arch} config: k must be a number > 0, got {self.k!r}")
-        if self.k > self.d_sae:
-            raise ValueError(f"{arch} config: k = {self.k} is larger than d_sae = {self.d_sae}")
-        if self.inference_mode not in _MODES:
-            raise ValueError(
-                f"{arch} config: inference_mode must be one of {_MODES}, got {self.inference_mode!r}"
+        for name in ("d_in", "d_sae"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                self._fail(name, f"must be a positive integer, got {value!r}")
+        if self.k is None:
+            self._fail(
+                "k",
+                "is missing: the config must state k, the expected L0 per token the "
+                "SAE was trained for",
             )
+        if not _is_number(self.k) or not math.isfinite(self.k) or not self.k > 0:
+            self._fail("k", f"must be a finite number > 0, got {self.k!r}")
+        if self.k > self.d_sae:
+            self._fail("k", f"= {self.k} is larger than d_sae = {self.d_sae}; use k <= d_sae")
+        if not isinstance(self.rescale_acts_by_decoder_norm, bool):
+            self._fail(
+                "rescale_acts_by_decoder_norm",
+                f"must be true or false, got {self.rescale_acts_by_decoder_norm!r}",
+            )
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            self._fail(
+                "apply_b_dec_to_input", f"must be true or false, got {self.apply_b_dec_to_input!r}"
+            )
+        if self.inference_mode not in _MODES:
+            self._fail("inference_mode", f"must be one of {_MODES}, got {self.inference_mode!r}")
 
 
 @dataclass
@@ -186,15 +227,27 @@ class MutualChoiceSAEConfig(_ChoiceSAEConfig):
     def architecture(cls) -> str:
         return "mutual_choice"
 
+    @override
+    def __post_init__(self):
+        super().__post_init__()
+        if self.allocation_method not in _METHODS:
+            self._fail(
+                "allocation_method", f"must be one of {_METHODS}, got {self.allocation_method!r}"
+            )
+
 
 @dataclass
 class FeatureChoiceSAEConfig(_ChoiceSAEConfig):
     """Inference config for a Feature Choice SAE (``architecture="feature_choice"``).
 
+    The capacity fields matter for batch mode and for
+    :func:`~sae_lens_choice.calibrate_thresholds` (target densities); their
+    defaults are the training defaults.
+
     Args:
-        capacity (str): ``"zipf"`` or ``"uniform"``, as in training (batch mode).
-        zipf_alpha (float): Zipf exponent of the capacities.
-        zipf_beta (float): Zipf–Mandelbrot offset of the capacities.
+        capacity (str): ``"zipf"`` or ``"uniform"``, as in training.
+        zipf_alpha (float): Zipf exponent of the capacities, > 0.
+        zipf_beta (float): Zipf–Mandelbrot offset of the capacities, > -1.
     """
 
     capacity: Capacity = "zipf"
@@ -206,6 +259,17 @@ class FeatureChoiceSAEConfig(_ChoiceSAEConfig):
     def architecture(cls) -> str:
         return "feature_choice"
 
+    @override
+    def __post_init__(self):
+        super().__post_init__()
+        if self.capacity not in _CAPACITIES:
+            self._fail("capacity", f"must be one of {_CAPACITIES}, got {self.capacity!r}")
+        alpha, beta = self.zipf_alpha, self.zipf_beta
+        if not _is_number(alpha) or not math.isfinite(alpha) or not alpha > 0:
+            self._fail("zipf_alpha", f"must be a finite number > 0, got {alpha!r}")
+        if not _is_number(beta) or not math.isfinite(beta) or not beta > -1:
+            self._fail("zipf_beta", f"must be a finite number > -1, got {beta!r}")
+
 
 # ---------------------------------------------------------------------------
 # inference SAEs
@@ -215,6 +279,7 @@ class FeatureChoiceSAEConfig(_ChoiceSAEConfig):
 class _ChoiceSAE(SAE[Any]):
     """JumpReLU encoder with choice thresholds, plus an exact batch mode."""
 
+    cfg: _ChoiceSAEConfig
     b_enc: nn.Parameter
     threshold: torch.Tensor
 
@@ -227,22 +292,58 @@ class _ChoiceSAE(SAE[Any]):
         )
 
     def batch_activation(self) -> nn.Module:
-        """The training allocation, used when ``inference_mode == "batch"``."""
+        """A fresh training allocation module for the current config (batch mode)."""
         raise NotImplementedError
+
+    def _batch_key(self) -> tuple[Any, ...]:
+        """Config values the batch allocation depends on."""
+        raise NotImplementedError
+
+    def _current_batch_activation(self) -> nn.Module:
+        # The config may be edited after loading (k, capacity, ...): rebuild the
+        # allocation when it changed, otherwise keep it (its plan cache is costly).
+        key = self._batch_key()
+        if getattr(self, "_batch_activation_key", None) != key:
+            self.activation_fn = self.batch_activation()
+            self._batch_activation_key = key
+        return self.activation_fn
 
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.batch_activation()
+        fn = self.batch_activation()
+        self._batch_activation_key = self._batch_key()
+        return fn
+
+    def encode_hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``hidden_pre`` (..., d_sae), in threshold units."""
+        return choice_hidden_pre(self, self.process_sae_in(x))
 
     @override
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations: JumpReLU on thresholds, or the batch allocation."""
-        sae_in = self.process_sae_in(x)
-        hidden_pre = choice_hidden_pre(self, sae_in)
+        """Feature activations (..., d_sae).
+
+        ``inference_mode == "threshold"`` (default): per token,
+        ``relu(hidden_pre) * (hidden_pre > threshold)``, exactly the computation
+        of SAELens's ``JumpReLUSAE.encode`` (strict ``>``; its base activation is
+        ``relu``), with ``hidden_pre`` as SAELens's TopK computes it (times the
+        decoder row norms when ``rescale_acts_by_decoder_norm``).
+        :func:`sae_lens_choice.to_jumprelu` gives an identical ``JumpReLUSAE``.
+
+        ``inference_mode == "batch"``: the training allocation over all tokens
+        in ``x`` (leading dimensions flattened), so a token's code depends on
+        the rest of the batch. Raises ``ValueError`` if ``hidden_pre`` holds
+        NaN or inf.
+        """
+        hidden_pre = self.encode_hidden_pre(x)
         if self.cfg.inference_mode == "batch":
-            acts = self.activation_fn(hidden_pre)
-        else:
+            acts = self._current_batch_activation()(hidden_pre)
+        elif self.cfg.inference_mode == "threshold":
             acts = jumprelu(hidden_pre, self.threshold)
+        else:
+            raise ValueError(
+                f"{self.cfg.architecture()}: cfg.inference_mode must be one of {_MODES}, "
+                f"got {self.cfg.inference_mode!r}"
+            )
         return self.hook_sae_acts_post(acts)
 
     @override
@@ -256,6 +357,57 @@ class _ChoiceSAE(SAE[Any]):
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
+    def expected_state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor a saved state dict must hold."""
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        return {
+            "W_enc": (d_in, d_sae),
+            "b_enc": (d_sae,),
+            "W_dec": (d_sae, d_in),
+            "b_dec": (d_in,),
+            "threshold": (d_sae,),
+        }
+
+    @override
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """Check the loaded tensors against the config before assigning them.
+
+        Raises ``ValueError`` naming the tensor when one is missing, unexpected,
+        of the wrong shape, or (for ``threshold``) NaN. A Mutual Choice
+        checkpoint may store its global threshold as a scalar; it is expanded.
+        """
+        super().process_state_dict_for_loading(state_dict)
+        arch = self.cfg.architecture()
+        expected = self.expected_state_shapes()
+        missing = [name for name in expected if name not in state_dict]
+        if missing:
+            raise ValueError(
+                f"{arch} SAE weights are missing tensor(s) {missing}; the file must hold "
+                f"{sorted(expected)}"
+            )
+        unexpected = [name for name in state_dict if name not in expected]
+        if unexpected:
+            raise ValueError(
+                f"{arch} SAE weights hold unexpected tensor(s) {unexpected}; expected "
+                f"exactly {sorted(expected)} (was this saved from a different architecture?)"
+            )
+        threshold = state_dict["threshold"]
+        if arch == "mutual_choice" and threshold.numel() == 1 and threshold.ndim <= 1:
+            state_dict["threshold"] = threshold.reshape(()).expand(self.cfg.d_sae).clone()
+        for name, shape in expected.items():
+            actual = tuple(state_dict[name].shape)
+            if actual != shape:
+                raise ValueError(
+                    f"{arch} SAE weights: tensor {name!r} has shape {actual}, but the config "
+                    f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {shape}"
+                )
+        if bool(torch.isnan(state_dict["threshold"]).any()):
+            n_nan = int(torch.isnan(state_dict["threshold"]).sum())
+            raise ValueError(
+                f"{arch} SAE weights: tensor 'threshold' holds {n_nan} NaN value(s); "
+                "recalibrate with sae_lens_choice.calibrate_thresholds"
+            )
+
     @override
     @torch.no_grad()
     def fold_W_dec_norm(self) -> None:
@@ -264,6 +416,8 @@ class _ChoiceSAE(SAE[Any]):
         if not self.cfg.rescale_acts_by_decoder_norm:
             # hidden_pre of latent j just grew by |W_dec_j|.
             self.threshold.mul_(norms.to(self.threshold.dtype))
+        # With rescaling on, hidden_pre = raw * |W_dec| is unchanged by the fold
+        # (raw grew by |W_dec|, the norms are now 1), so thresholds stay.
 
     @override
     @torch.no_grad()
@@ -274,9 +428,30 @@ class _ChoiceSAE(SAE[Any]):
             # before the norm factor and shrinks by s after it.
             self.threshold.div_(scaling_factor)
 
+    @override
+    @torch.no_grad()
+    def fold_activation_whitening(
+        self,
+        mean: torch.Tensor,
+        whitening_matrix: torch.Tensor,
+        unwhitening_matrix: torch.Tensor,
+    ) -> None:
+        if self.cfg.rescale_acts_by_decoder_norm:
+            # Unwhitening changes decoder row norms, hence hidden_pre; folding the
+            # norms first (thresholds unchanged, see fold_W_dec_norm) makes the
+            # encoder independent of them, as SAELens's TopK does.
+            self.fold_W_dec_norm()
+            self.cfg.rescale_acts_by_decoder_norm = False
+        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
+
 
 class MutualChoiceSAE(_ChoiceSAE):
-    """Mutual Choice inference SAE: one global threshold (T-th largest value)."""
+    """Mutual Choice inference SAE: one global threshold (T-th largest value).
+
+    Threshold mode is a JumpReLU whose ``threshold`` (d_sae,) holds the same
+    value for every latent; batch mode keeps the round(k * N) largest
+    pre-activations of the batch.
+    """
 
     cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
 
@@ -287,11 +462,25 @@ class MutualChoiceSAE(_ChoiceSAE):
     def batch_activation(self) -> nn.Module:
         return MutualChoice(self.cfg.k, self.cfg.allocation_method)
 
+    @override
+    def _batch_key(self) -> tuple[Any, ...]:
+        return (self.cfg.k, self.cfg.allocation_method)
+
 
 class FeatureChoiceSAE(_ChoiceSAE):
-    """Feature Choice inference SAE: one threshold per latent."""
+    """Feature Choice inference SAE: one threshold per latent.
+
+    Batch mode gives latent j its m_j largest tokens of the batch, the integer
+    capacities m_j rounded from the expected ones as in training (systematic
+    rounding). Training draws the rounding offset at random each batch; here it
+    comes from a generator seeded with ``batch_rounding_seed`` on every call,
+    so encoding is a deterministic function of the batch (``use_error_term``
+    and repeated runs agree). Set ``batch_rounding_seed = None`` to draw from
+    torch's global RNG as training does.
+    """
 
     cfg: FeatureChoiceSAEConfig  # type: ignore[assignment]
+    batch_rounding_seed: int | None = 0
 
     def __init__(self, cfg: FeatureChoiceSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -301,3 +490,16 @@ class FeatureChoiceSAE(_ChoiceSAE):
         return FeatureChoice(
             self.cfg.k, self.cfg.d_sae, self.cfg.capacity, self.cfg.zipf_alpha, self.cfg.zipf_beta
         )
+
+    @override
+    def _batch_key(self) -> tuple[Any, ...]:
+        cfg = self.cfg
+        return (cfg.k, cfg.d_sae, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta)
+
+    @override
+    def _current_batch_activation(self) -> nn.Module:
+        fn = super()._current_batch_activation()
+        assert isinstance(fn, FeatureChoice)
+        seed = self.batch_rounding_seed
+        fn.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return fn
