@@ -228,7 +228,7 @@ def export_jumprelu_cli(args: list[str]) -> int:
     printed to stderr).
     """
     parser = argparse.ArgumentParser(
-        prog="sae-lens-choice export",
+        prog="sae-lens-choice export-jumprelu",
         description=(
             "Convert a saved mutual_choice / feature_choice SAE folder into SAELens's "
             "jumprelu format (identical outputs in threshold mode; loads without "

@@ -1,0 +1,529 @@
+"""Training SAEs inside SAELens: one real ``training_forward_pass`` at a time.
+
+Covers the per-batch L0 budget of both allocations, per-token L0 variation,
+3-D inputs, bf16 autocast, torch.compile, config validation and round trips,
+and registration with SAELens's registry. Runner-level tests (LLM runner,
+synthetic runner, checkpoints) are in ``test_runner.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+import torch
+from sae_lens import registry
+from sae_lens.saes.sae import TrainingSAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.topk_sae import (
+    TopKSAE,
+    TopKSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+)
+
+import sae_lens_choice
+from sae_lens_choice import (
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+)
+from sae_lens_choice.allocation import batch_budget
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+D_IN = 8
+D_SAE = 32
+ARCHS = ("mutual_choice", "feature_choice")
+CONFIGS: dict[str, type[Any]] = {
+    "mutual_choice": MutualChoiceTrainingSAEConfig,
+    "feature_choice": FeatureChoiceTrainingSAEConfig,
+}
+SAES: dict[str, type[Any]] = {
+    "mutual_choice": MutualChoiceTrainingSAE,
+    "feature_choice": FeatureChoiceTrainingSAE,
+}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def make_sae(arch: str, seed: int = 0, **overrides: Any) -> Any:
+    kwargs: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": 4}
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return SAES[arch](CONFIGS[arch](**kwargs))
+
+
+def inputs(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, D_IN, generator=torch.Generator().manual_seed(seed))
+
+
+def step(
+    sae: Any,
+    sae_in: torch.Tensor,
+    *,
+    n_training_steps: int = 1,
+    is_logging_step: bool = True,
+    dead_neuron_mask: torch.Tensor | None = None,
+) -> TrainStepOutput:
+    if dead_neuron_mask is None:
+        dead_neuron_mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=sae_in,
+            coefficients={},
+            dead_neuron_mask=dead_neuron_mask,
+            n_training_steps=n_training_steps,
+            is_logging_step=is_logging_step,
+        )
+    )
+
+
+def make_all_positive(sae: Any) -> None:
+    # A large positive encoder bias makes every pre-activation positive, so
+    # the allocation is never short of positive entries.
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------------------
+# the per-batch budget
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["auto", "candidates", "flat"])
+@pytest.mark.parametrize("shape", [(48,), (3, 16)], ids=["2d", "3d"])
+def test_mutual_choice_step_keeps_exactly_round_k_n_pairs(
+    method: str, shape: tuple[int, ...]
+) -> None:
+    sae = make_sae("mutual_choice", k=3.5, allocation_method=method)
+    make_all_positive(sae)
+    x = inputs(*shape)
+    out = step(sae, x)
+
+    assert out.feature_acts.shape == (*shape, D_SAE)
+    assert out.sae_out.shape == x.shape
+    acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+    n_tokens = acts.shape[0]
+    # T = round(3.5 * 48) = 168 pairs of the 48 * 32 = 1536 (all positive)
+    assert int((acts > 0).sum()) == batch_budget(3.5, n_tokens) == 168
+    kept = acts > 0
+    # the kept pairs are the T largest entries of the whole matrix ...
+    assert hidden_pre[kept].min() >= hidden_pre[~kept].max()
+    # ... with their pre-activation values
+    torch.testing.assert_close(acts[kept], hidden_pre[kept])
+    assert torch.isfinite(out.loss)
+
+
+def test_mutual_choice_keeps_only_positive_entries() -> None:
+    sae = make_sae("mutual_choice", k=4)
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)  # every pre-activation negative
+    out = step(sae, inputs(32))
+    assert int((out.feature_acts > 0).sum()) == 0
+    assert torch.isfinite(out.loss)
+    # no positive entry: the threshold EMA is not fed
+    assert int(sae.threshold_updates) == 0
+
+
+@pytest.mark.parametrize("capacity", ["zipf", "uniform"])
+@pytest.mark.parametrize("shape", [(48,), (3, 16)], ids=["2d", "3d"])
+def test_feature_choice_step_gives_each_latent_exactly_its_capacity(
+    capacity: str, shape: tuple[int, ...]
+) -> None:
+    sae = make_sae("feature_choice", k=3.5, capacity=capacity)
+    make_all_positive(sae)
+    out = step(sae, inputs(*shape))
+
+    assert out.feature_acts.shape == (*shape, D_SAE)
+    acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+    capacities = sae.activation_fn.last_capacities
+    assert capacities is not None
+    assert capacities.dtype == torch.long
+    # every latent j fires on exactly m_j tokens; sum m_j = round(k * N)
+    torch.testing.assert_close((acts > 0).sum(0), capacities, rtol=0, atol=0)
+    assert int(capacities.sum()) == batch_budget(3.5, acts.shape[0])
+    # m_j is floor or ceil of the expected capacity c_j
+    expected = sae.expected_capacities(acts.shape[0])
+    assert torch.all(capacities >= torch.floor(expected).long())
+    assert torch.all(capacities <= torch.ceil(expected).long())
+    # latent j keeps its m_j largest tokens
+    for j in range(D_SAE):
+        kept = acts[:, j] > 0
+        if kept.any() and (~kept).any():
+            assert hidden_pre[kept, j].min() >= hidden_pre[~kept, j].max()
+    assert torch.isfinite(out.loss)
+
+
+def test_feature_choice_capacities_are_rounded_afresh_each_batch() -> None:
+    # k * N / F = 4 * 10 / 32 = 1.25 tokens per latent (uniform): each batch
+    # rounds to 1 or 2 per latent with the total fixed at 40.
+    sae = make_sae("feature_choice", k=4, capacity="uniform")
+    make_all_positive(sae)
+    seen = []
+    for seed in range(4):
+        step(sae, inputs(10, seed=seed))
+        caps = sae.activation_fn.last_capacities
+        assert int(caps.sum()) == 40
+        assert set(caps.tolist()) <= {1, 2}
+        seen.append(caps.clone())
+    assert any(not torch.equal(seen[0], c) for c in seen[1:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_token_l0_varies_and_is_logged(arch: str) -> None:
+    sae = make_sae(arch, k=4)
+    out = step(sae, inputs(256), is_logging_step=True)
+    l0 = (as_matrix(out.feature_acts) > 0).sum(-1).float()
+    print(
+        f"\n{arch}: per-token L0 over 256 tokens (k=4): mean={l0.mean():.2f} "
+        f"std={l0.std():.2f} min={l0.min():.0f} max={l0.max():.0f}"
+    )
+    # adaptive computation: tokens differ in how many latents they get
+    assert l0.std() > 0.5
+    assert l0.max() - l0.min() >= 3
+    m = out.metrics
+    torch.testing.assert_close(torch.as_tensor(m["l0_per_token_mean"]), l0.mean())
+    torch.testing.assert_close(torch.as_tensor(m["l0_per_token_std"]), l0.std())
+    assert float(m["l0_per_token_min"]) == float(l0.min())
+    assert float(m["l0_per_token_max"]) == float(l0.max())
+    torch.testing.assert_close(torch.as_tensor(m["frac_tokens_zero_l0"]), (l0 == 0).float().mean())
+    if arch == "mutual_choice":
+        # the batch holds exactly T = k * N pairs, so the mean is exactly k
+        assert float(m["l0_per_token_mean"]) == 4.0
+        assert "threshold" in m
+    else:
+        assert {"threshold_mean", "threshold_min", "threshold_max"} <= set(m)
+
+
+def test_aux_zipf_metrics_are_logged_on_logging_steps_only() -> None:
+    sae = make_sae("mutual_choice", aux_loss="aux_zipf", zipf_refit_every=1)
+    logged = step(sae, inputs(64), is_logging_step=True)
+    assert {"zipf_alpha", "zipf_beta", "zipf_r2", "underused_latents", "dead_latents"} <= set(
+        logged.metrics
+    )
+    assert "auxiliary_reconstruction_loss" in logged.losses
+    quiet = step(sae, inputs(64, seed=1), is_logging_step=False)
+    assert "l0_per_token_mean" not in quiet.metrics
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_step_updates_buffers_and_backpropagates(arch: str) -> None:
+    sae = make_sae(arch, aux_loss="aux_zipf", zipf_refit_every=1)
+    density_before = sae.latent_density_ema.clone()
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:4] = True
+    out = step(sae, inputs(64), dead_neuron_mask=dead)
+    out.loss.backward()
+    assert sae.W_enc.grad is not None and torch.isfinite(sae.W_enc.grad).all()
+    assert not torch.equal(sae.latent_density_ema, density_before)
+    assert int(sae.threshold_updates.sum()) > 0
+    assert torch.isfinite(sae.zipf_fit).all()  # refit on step 1 (refit_every=1)
+
+
+# ---------------------------------------------------------------------------
+# bf16 autocast
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_autocast_step_keeps_buffer_dtypes(arch: str, rescale: bool) -> None:
+    sae = make_sae(
+        arch, aux_loss="aux_zipf", zipf_refit_every=1, rescale_acts_by_decoder_norm=rescale
+    )
+    fp32_hidden_pre = step(copy.deepcopy(sae), inputs(64, seed=0)).hidden_pre
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    for i in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = step(sae, inputs(64, seed=i), n_training_steps=i + 1)
+        if i == 0:
+            # the encoder matmul did run in bf16 (its dtype may be promoted back
+            # to fp32 by the fp32 bias / decoder norms, its rounding is not)
+            assert not torch.equal(out.hidden_pre.float(), fp32_hidden_pre)
+            torch.testing.assert_close(
+                out.hidden_pre.float(), fp32_hidden_pre, rtol=0.05, atol=0.02
+            )
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert sae.threshold.dtype == torch.float64
+    assert sae.latent_density_ema.dtype == torch.float32
+    assert sae.threshold_updates.dtype == torch.int64
+    assert sae.zipf_fit.dtype == torch.float64
+    assert sae.W_enc.dtype == torch.float32
+    assert int(sae.threshold_updates.max()) >= 1
+    assert torch.isfinite(sae.threshold).all() and (sae.threshold >= 0).all()
+    assert torch.isfinite(sae.latent_density_ema).all()
+    assert torch.isfinite(sae.zipf_fit).all()
+
+
+# ---------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------
+
+
+def _compile_matches_eager(arch: str, backend: str) -> None:
+    # Uniform capacities with k * N / F an integer (4 * 64 / 32 = 8) make Feature
+    # Choice's rounding deterministic, so eager and compiled pick the same set.
+    overrides: dict[str, Any] = {"aux_loss": "aux_zipf", "zipf_refit_every": 1}
+    if arch == "feature_choice":
+        overrides["capacity"] = "uniform"
+    sae = make_sae(arch, **overrides)
+    eager = copy.deepcopy(sae)
+    x = inputs(64)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:6] = True
+
+    out_eager = step(eager, x, dead_neuron_mask=dead, is_logging_step=False)
+    compiled = torch.compile(sae.training_forward_pass, fullgraph=False, backend=backend)
+    start = time.perf_counter()
+    out_compiled = compiled(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=1,
+            is_logging_step=False,
+        )
+    )
+    print(f"\ntorch.compile({backend}) {arch}: {time.perf_counter() - start:.1f} s")
+
+    torch.testing.assert_close(out_compiled.loss, out_eager.loss, rtol=1e-5, atol=1e-6)
+    for name, value in out_eager.losses.items():
+        torch.testing.assert_close(out_compiled.losses[name], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_compiled.feature_acts, out_eager.feature_acts)
+    # the in-place buffer updates must happen under compile too
+    for name in ("threshold", "threshold_updates", "latent_density_ema", "zipf_fit"):
+        torch.testing.assert_close(
+            getattr(sae, name), getattr(eager, name), rtol=1e-5, atol=1e-7, msg=name
+        )
+    out_eager.loss.backward()
+    out_compiled.loss.backward()
+    torch.testing.assert_close(sae.W_enc.grad, eager.W_enc.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_step_matches_eager_aot_eager(arch: str) -> None:
+    # aot_eager traces with dynamo and functionalises the buffer mutations
+    # like inductor does, without the C++ compile (seconds, not a minute).
+    _compile_matches_eager(arch, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiled_step_matches_eager_inductor(arch: str) -> None:
+    # inductor (what SAELens's compile_sae uses) compiles C++ with gcc:
+    # 20-60 s per architecture on 2 CPU cores.
+    _compile_matches_eager(arch, "inductor")
+
+
+def test_compiled_feature_choice_step_holds_budget_with_zipf_capacities() -> None:
+    sae = make_sae("feature_choice", k=3.5, capacity="zipf")
+    make_all_positive(sae)
+    compiled = torch.compile(sae.training_forward_pass, fullgraph=False, backend="aot_eager")
+    out = compiled(
+        TrainStepInput(
+            sae_in=inputs(48),
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=1,
+            is_logging_step=False,
+        )
+    )
+    caps = sae.activation_fn.last_capacities
+    torch.testing.assert_close((out.feature_acts > 0).sum(0), caps, rtol=0, atol=0)
+    assert int(caps.sum()) == batch_budget(3.5, 48)
+
+
+# ---------------------------------------------------------------------------
+# configs: validation and round trips
+# ---------------------------------------------------------------------------
+
+_SHARED_BAD: list[tuple[str, dict[str, Any]]] = [
+    ("k", {"k": 0}),
+    ("k", {"k": -1}),
+    ("k", {"k": float("nan")}),
+    ("k", {"k": D_SAE + 1}),
+    ("aux_loss", {"aux_loss": "bogus"}),
+    ("aux_loss_coefficient", {"aux_loss_coefficient": -1.0}),
+    ("zipf_underuse_ratio", {"zipf_underuse_ratio": -0.1}),
+    ("zipf_underuse_ratio", {"zipf_underuse_ratio": 1.5}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": (0.5, 0.1)}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": (0.1, 1.5)}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": (-0.1, 0.5)}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": (0.1,)}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": [0.1, 0.5, 0.9]}),
+    ("zipf_fit_rank_window", {"zipf_fit_rank_window": 0.5}),
+    ("zipf_refit_every", {"zipf_refit_every": 0}),
+    ("density_ema_decay", {"density_ema_decay": 1.0}),
+    ("threshold_ema_rate", {"threshold_ema_rate": 0.0}),
+    ("check_finite_every", {"check_finite_every": -1}),
+    ("aux_loss", {"aux_loss": "aux_zipf", "normalize_activations": "layer_norm"}),
+    ("aux_loss", {"aux_loss": "aux_k", "normalize_activations": "layer_norm"}),
+    ("use_sparse_activations", {"use_sparse_activations": True}),
+]
+_BAD_CASES = [
+    pytest.param(arch, field, bad, id=f"{arch}-{field}-{i}")
+    for arch in ARCHS
+    for i, (field, bad) in enumerate(_SHARED_BAD)
+] + [
+    pytest.param("feature_choice", "capacity", {"capacity": "bogus"}, id="fc-capacity"),
+    pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": 0.0}, id="fc-alpha-0"),
+    pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": -1.0}, id="fc-alpha-neg"),
+    pytest.param("feature_choice", "zipf_beta", {"zipf_beta": -1.0}, id="fc-beta"),
+    pytest.param(
+        "mutual_choice", "allocation_method", {"allocation_method": "bogus"}, id="mc-method"
+    ),
+]
+
+
+@pytest.mark.parametrize(("arch", "field", "bad"), _BAD_CASES)
+def test_invalid_training_config_names_the_field(
+    arch: str, field: str, bad: dict[str, Any]
+) -> None:
+    kwargs: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, **bad}
+    with pytest.raises(ValueError, match=field) as info:
+        CONFIGS[arch](**kwargs)
+    assert arch in str(info.value)
+
+
+def test_layer_norm_is_fine_without_aux_loss() -> None:
+    cfg = MutualChoiceTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="none", normalize_activations="layer_norm"
+    )
+    assert cfg.normalize_activations == "layer_norm"
+
+
+def _full_config(arch: str) -> Any:
+    common: dict[str, Any] = {
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "k": 2.5,
+        "aux_loss": "aux_zipf",
+        "aux_loss_coefficient": 0.25,
+        "zipf_underuse_ratio": 0.3,
+        "zipf_fit_rank_window": (0.05, 0.8),
+        "zipf_refit_every": 7,
+        "density_ema_decay": 0.95,
+        "threshold_ema_rate": 0.02,
+        "check_finite_every": 11,
+        "rescale_acts_by_decoder_norm": False,
+    }
+    if arch == "feature_choice":
+        return FeatureChoiceTrainingSAEConfig(
+            **common, capacity="uniform", zipf_alpha=1.3, zipf_beta=2.0
+        )
+    return MutualChoiceTrainingSAEConfig(**common, allocation_method="flat")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_config_round_trips_through_json(arch: str) -> None:
+    cfg = _full_config(arch)
+    as_json = json.loads(json.dumps(cfg.to_dict()))
+    assert as_json["architecture"] == arch
+    assert as_json["zipf_fit_rank_window"] == [0.05, 0.8]  # JSON has no tuples
+
+    direct = type(cfg).from_dict(as_json)
+    via_registry = TrainingSAEConfig.from_dict(as_json)  # dispatch on "architecture"
+    for loaded in (direct, via_registry):
+        assert type(loaded) is type(cfg)
+        assert loaded.zipf_fit_rank_window == (0.05, 0.8)
+        assert isinstance(loaded.zipf_fit_rank_window, tuple)
+        assert loaded.to_dict() == cfg.to_dict()
+        # every field equal (metadata holds a JSON copy of some of them)
+        for f in dataclasses.fields(cfg):
+            if f.name != "metadata":
+                assert getattr(loaded, f.name) == getattr(cfg, f.name), f.name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_inference_config_dict_carries_training_fields(arch: str) -> None:
+    cfg = _full_config(arch)
+    inference = cfg.get_inference_sae_cfg_dict()
+    assert inference["architecture"] == arch
+    assert inference["k"] == 2.5
+    assert inference["inference_mode"] == "threshold"
+    if arch == "feature_choice":
+        assert (inference["capacity"], inference["zipf_alpha"], inference["zipf_beta"]) == (
+            "uniform",
+            1.3,
+            2.0,
+        )
+
+
+# ---------------------------------------------------------------------------
+# registration
+# ---------------------------------------------------------------------------
+
+
+def test_architectures_are_registered_with_sae_lens() -> None:
+    assert registry.get_sae_training_class("mutual_choice") == (
+        MutualChoiceTrainingSAE,
+        MutualChoiceTrainingSAEConfig,
+    )
+    assert registry.get_sae_training_class("feature_choice") == (
+        FeatureChoiceTrainingSAE,
+        FeatureChoiceTrainingSAEConfig,
+    )
+    assert registry.get_sae_class("mutual_choice")[0] is sae_lens_choice.MutualChoiceSAE
+    assert registry.get_sae_class("feature_choice")[0] is sae_lens_choice.FeatureChoiceSAE
+
+
+def test_registration_is_idempotent_across_imports_and_reload() -> None:
+    from sae_lens_choice import registration
+
+    importlib.import_module("sae_lens_choice")
+    importlib.import_module("sae_lens_choice")
+    reloaded = importlib.reload(registration)
+    reloaded.register()
+    reloaded.register()
+    sae_lens_choice.registration.register()
+    assert registry.get_sae_training_class("mutual_choice")[0] is MutualChoiceTrainingSAE
+    assert registry.get_sae_class("feature_choice")[0] is sae_lens_choice.FeatureChoiceSAE
+
+
+def test_conflicting_training_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_lens_choice import registration
+
+    # monkeypatch restores the registry entry after the test
+    monkeypatch.setitem(
+        registry.SAE_TRAINING_CLASS_REGISTRY,
+        "mutual_choice",
+        (TopKTrainingSAE, TopKTrainingSAEConfig),
+    )
+    with pytest.raises(ValueError, match="mutual_choice") as info:
+        registration.register()
+    message = str(info.value)
+    assert "TopKTrainingSAE" in message
+    assert "already registered" in message
+
+
+def test_conflicting_inference_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sae_lens_choice import registration
+
+    monkeypatch.setitem(registry.SAE_CLASS_REGISTRY, "feature_choice", (TopKSAE, TopKSAEConfig))
+    with pytest.raises(ValueError, match="feature_choice") as info:
+        registration.register()
+    assert "TopKSAE" in str(info.value)
+
+
+def test_registry_is_restored_after_conflict_tests() -> None:
+    # runs after the two tests above in file order; register() must work again
+    sae_lens_choice.registration.register()
+    assert registry.get_sae_training_class("mutual_choice")[0] is MutualChoiceTrainingSAE
+    assert registry.get_sae_class("feature_choice")[0] is sae_lens_choice.FeatureChoiceSAE
