@@ -30,7 +30,9 @@ __all__ = [
     "capacity_bounds",
     "check_finite",
     "feature_choice",
+    "feature_choice_with_stats",
     "mutual_choice",
+    "mutual_choice_with_stats",
     "plan_feature_choice",
     "round_capacities",
     "token_choice",
@@ -88,7 +90,7 @@ def _check_k(k: float, d_sae: int, name: str = "k") -> None:
 
 def batch_budget(k: float, n_tokens: int) -> int:
     """T = round(k * N), rounding halves up, so ``k`` is the expected L0 per token."""
-    return int(math.floor(k * n_tokens + 0.5))
+    return math.floor(k * n_tokens + 0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +113,8 @@ def token_choice(hidden_pre: torch.Tensor, k: int, *, validate: bool = True) -> 
     if validate:
         check_finite(x)
     values, indices = torch.topk(x, int(k), dim=-1, sorted=False)  # (N, k)
-    out = torch.zeros_like(x).scatter(-1, indices, values.relu())
+    # in place: an out-of-place scatter copies the (N, F) zeros once more
+    out = torch.zeros_like(x).scatter_(-1, indices, values.relu())
     return out.reshape(hidden_pre.shape)
 
 
@@ -120,20 +123,71 @@ def token_choice(hidden_pre: torch.Tensor, k: int, *, validate: bool = True) -> 
 # ---------------------------------------------------------------------------
 
 
-def _flat_top(x: torch.Tensor, budget: int) -> torch.Tensor:
-    # x: (N, F) -> (N, F) keeping the `budget` largest entries of the whole matrix
-    flat = x.reshape(-1)  # (N*F,)
-    values, indices = torch.topk(flat, budget, sorted=False)  # (T,)
-    return torch.zeros_like(flat).scatter(0, indices, values.relu()).reshape(x.shape)
+def _flat_top(x: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # x: (N, F) -> the `budget` largest entries of the whole matrix:
+    # values (T,) and flat positions (T,) into x.reshape(-1)
+    return torch.topk(x.reshape(-1), budget, sorted=False)
+
+
+def _widen_candidates(
+    x: torch.Tensor,
+    cand_values: torch.Tensor,
+    cand_indices: torch.Tensor,
+    saturated: torch.Tensor,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top ``budget`` of ``x`` when some tokens had all candidates chosen.
+
+    x: (N, F); cand_values, cand_indices: (N, c), each token's top c; saturated:
+    (N,) bool. Returns values (T,) and flat positions (T,) into x.reshape(-1).
+
+    Every entry outside the pool below lies in an unsaturated token, below that
+    token's smallest candidate, which is at most the T-th largest candidate value
+    (one of its candidates was not chosen) and so at most the T-th largest pool
+    value: the pool's top T is the matrix's top T (up to ties).
+    """
+    n_tokens, d_sae = x.shape
+    c = cand_values.shape[1]
+    sat = saturated.nonzero().squeeze(1)  # (s,)
+    if 4 * sat.numel() >= n_tokens:
+        # the widened pool would be a large part of the matrix anyway
+        return _flat_top(x, budget)
+    rest = (~saturated).nonzero().squeeze(1)  # (N - s,)
+    head = rest.numel() * c
+    # pool = the unsaturated tokens' candidates, then the saturated tokens' whole rows
+    pool = torch.cat(
+        [cand_values.index_select(0, rest).reshape(-1), x.index_select(0, sat).reshape(-1)]
+    )  # ((N - s) * c + s * F,) >= N * c > T entries
+    values, p = torch.topk(pool, budget, sorted=False)  # (T,)
+    in_head = p < head
+    p_head = p.clamp(max=head - 1)
+    p_tail = (p - head).clamp(min=0)
+    rows = torch.where(
+        in_head,
+        rest.index_select(0, torch.div(p_head, c, rounding_mode="floor")),
+        sat.index_select(0, torch.div(p_tail, d_sae, rounding_mode="floor")),
+    )
+    cols = torch.where(
+        in_head,
+        cand_indices.index_select(0, rest).reshape(-1).gather(0, p_head),
+        p_tail % d_sae,
+    )
+    return values, rows * d_sae + cols
 
 
 def default_candidates_per_token(k: float, d_sae: int) -> int:
     """Candidates each token contributes to the Mutual Choice pre-selection.
 
     4x the mean L0 covers tokens up to four times busier than average; busier
-    tokens trigger the exact fallback (see ``mutual_choice``).
+    tokens widen the candidate pool (see ``mutual_choice``).
     """
     return min(d_sae, max(4 * math.ceil(k), math.ceil(k) + 8))
+
+
+def _smallest_kept(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    # the smallest positive value among `values` (inf where none is positive)
+    positive = torch.where(values > 0, values, values.new_tensor(float("inf")))
+    return positive.amin() if dim is None else positive.amin(dim)
 
 
 def mutual_choice(
@@ -157,13 +211,41 @@ def mutual_choice(
             ``"candidates"`` first takes each token's top ``c`` entries
             (``candidates_per_token``), then the global top T among those N*c.
             That is exact unless some token had all ``c`` candidates chosen;
-            then it falls back to ``"flat"``. Deciding that reads one boolean
-            back from the device. ``"auto"`` picks ``"candidates"`` on CPU,
-            where it is several times faster than a flat top-k, and ``"flat"``
-            on accelerators, where the read-back would stall the stream.
+            then those tokens' whole rows join the pool and the top T is taken
+            again (exact; a flat top-k if a quarter of the tokens saturate).
+            Deciding that reads one boolean back from the device. ``"auto"``
+            picks ``"candidates"`` on CPU, where it is several times faster
+            than a flat top-k, and ``"flat"`` on accelerators, where the
+            read-back would stall the stream.
         candidates_per_token: ``c`` for ``"candidates"``;
             default :func:`default_candidates_per_token`.
         validate: check for non-finite values (one device read-back).
+    """
+    return mutual_choice_with_stats(
+        hidden_pre,
+        k,
+        method=method,
+        candidates_per_token=candidates_per_token,
+        validate=validate,
+    )[0]
+
+
+def mutual_choice_with_stats(
+    hidden_pre: torch.Tensor,
+    k: float,
+    *,
+    method: MutualChoiceMethod = "auto",
+    candidates_per_token: int | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`mutual_choice`, plus the smallest value it kept and per-latent counts.
+
+    Returns:
+        ``(feature_acts, smallest, counts)``, the last two detached and read off
+        the T kept entries rather than by passes over the (N, F) result (the
+        training SAE tracks them every step): ``smallest`` (0-d) is the smallest
+        positive kept value (``inf`` when none), ``counts`` (F,) int64 how many
+        tokens each latent fired on (kept with a positive value).
     """
     x = _as_matrix(hidden_pre)  # (N, F)
     n_tokens, d_sae = x.shape
@@ -176,26 +258,34 @@ def mutual_choice(
     if candidates_per_token is not None and candidates_per_token < 1:
         raise ValueError(f"candidates_per_token must be >= 1, got {candidates_per_token}")
     if budget == 0:
-        return torch.zeros_like(hidden_pre)
+        counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)
+        return torch.zeros_like(hidden_pre), x.new_tensor(float("inf")), counts
     if method == "auto":
         method = "candidates" if x.device.type == "cpu" else "flat"
     c = min(candidates_per_token or default_candidates_per_token(k, d_sae), d_sae)
     if method == "flat" or c * n_tokens <= budget or c == d_sae:
-        return _flat_top(x, budget).reshape(hidden_pre.shape)
-
-    cand_values, cand_indices = torch.topk(x, c, dim=-1, sorted=False)  # (N, c)
-    values, flat_pos = torch.topk(cand_values.reshape(-1), budget, sorted=False)  # (T,)
-    rows = torch.div(flat_pos, c, rounding_mode="floor")  # (T,)
-    chosen_per_row = torch.bincount(rows, minlength=n_tokens)  # (N,)
-    # A token whose every candidate was chosen may have more entries above the
-    # global threshold than it was allowed to offer: only then is the shortcut
-    # inexact, and the smallest chosen value tells whether it is.
-    saturated = chosen_per_row >= c
-    if bool(saturated.any()):
-        return _flat_top(x, budget).reshape(hidden_pre.shape)
-    cols = cand_indices.reshape(-1).gather(0, flat_pos)  # (T,)
-    out = torch.zeros_like(x).reshape(-1).scatter(0, rows * d_sae + cols, values.relu())
-    return out.reshape(hidden_pre.shape)
+        values, positions = _flat_top(x, budget)  # (T,), (T,)
+    else:
+        cand_values, cand_indices = torch.topk(x, c, dim=-1, sorted=False)  # (N, c)
+        values, flat_pos = torch.topk(cand_values.reshape(-1), budget, sorted=False)  # (T,)
+        rows = torch.div(flat_pos, c, rounding_mode="floor")  # (T,)
+        # A token whose every candidate was chosen may have more entries above
+        # the global threshold than it was allowed to offer: only then is the
+        # shortcut inexact.
+        saturated = torch.bincount(rows, minlength=n_tokens) >= c  # (N,)
+        if bool(saturated.any()):
+            values, positions = _widen_candidates(x, cand_values, cand_indices, saturated, budget)
+        else:
+            cols = cand_indices.reshape(-1).gather(0, flat_pos)  # (T,)
+            positions = rows * d_sae + cols
+    # one (N*F,) allocation, written in place
+    out = x.new_zeros(n_tokens * d_sae).scatter_(0, positions, values.relu())
+    with torch.no_grad():
+        kept = values.detach()
+        smallest = _smallest_kept(kept)
+        counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)
+        counts.index_add_(0, positions % d_sae, (kept > 0).to(torch.long))  # (F,)
+    return out.reshape(hidden_pre.shape), smallest, counts
 
 
 # ---------------------------------------------------------------------------
@@ -283,6 +373,27 @@ def _check_capacities(capacities: torch.Tensor, n_tokens: int, d_sae: int) -> No
         )
 
 
+def _check_plan_covers(plan: FeatureChoicePlan, capacities: torch.Tensor) -> None:
+    # A group's top-k is the most any of its latents can keep: a capacity above it
+    # would be cut down silently, so a plan built from other capacities is an error.
+    bound = torch.zeros(plan.d_sae, dtype=torch.long)  # (F,), in plan order
+    for start, end, k in plan.groups:
+        bound[start:end] = k
+    caps = capacities.detach().to("cpu", torch.long)
+    if plan.order is not None:
+        caps = caps.index_select(0, plan.order.to("cpu"))
+    over = (caps > bound).nonzero()
+    if over.numel() > 0:
+        pos = int(over[0, 0])
+        latent = pos if plan.order is None else int(plan.order[pos])
+        raise ValueError(
+            f"capacities exceed the plan's bounds: latent {latent} has capacity "
+            f"{int(caps[pos])} but the plan allows at most {int(bound[pos])}; build the plan "
+            "with plan_feature_choice(capacity_bounds(c, n_tokens), n_tokens) from the same "
+            "expected capacities c"
+        )
+
+
 def feature_choice(
     hidden_pre: torch.Tensor,
     capacities: torch.Tensor,
@@ -298,12 +409,32 @@ def feature_choice(
         plan: grouping from :func:`plan_feature_choice`. Without one, a single
             top-k with the largest capacity is used, which reads that maximum
             back from the device.
-        validate: check capacities and finiteness (device read-backs).
+        validate: check capacities (against the plan's bounds too) and finiteness
+            (device read-backs).
 
     The selection runs over tokens for each latent, so it works on the (F, N)
     transpose. When ``hidden_pre`` is itself a transposed view of an (F, N)
     contiguous tensor (the training SAE computes it that way) no copy is made.
     The result may then be a non-contiguous (N, F) view.
+    """
+    return feature_choice_with_stats(hidden_pre, capacities, plan=plan, validate=validate)[0]
+
+
+def feature_choice_with_stats(
+    hidden_pre: torch.Tensor,
+    capacities: torch.Tensor,
+    *,
+    plan: FeatureChoicePlan | None = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`feature_choice`, plus each latent's smallest kept value and count.
+
+    Returns:
+        ``(feature_acts, smallest, counts)``, the last two detached (F,) tensors
+        read off the selection rather than by passes over the (N, F) result (the
+        training SAE tracks them every step): ``smallest`` is each latent's
+        smallest positive kept value (``inf`` where it kept nothing), ``counts``
+        (int64) how many tokens it fired on (kept with a positive value).
     """
     x = _as_matrix(hidden_pre)  # (N, F)
     n_tokens, d_sae = x.shape
@@ -320,23 +451,44 @@ def feature_choice(
             f"plan was made for (n_tokens={plan.n_tokens}, d_sae={plan.d_sae}) but hidden_pre "
             f"has (n_tokens={n_tokens}, d_sae={d_sae}); build it with plan_feature_choice"
         )
+    elif validate:
+        _check_plan_covers(plan, capacities)
     xt = x.t()  # (F, N)
     if not xt.is_contiguous():
         xt = xt.contiguous()
+    smallest = x.new_full((d_sae,), float("inf"))  # (F,)
+    counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)  # (F,)
+    if not plan.groups:
+        return torch.zeros_like(xt).t().reshape(hidden_pre.shape), smallest, counts
     caps = capacities.to(device=x.device, dtype=torch.long)
-    if plan.order is not None:
-        xt = xt.index_select(0, plan.order)
-        caps = caps.index_select(0, plan.order)
-    out_t = torch.zeros_like(xt)  # (F, N), in plan order
-    for start, end, k in plan.groups:
-        values, token_idx = torch.topk(xt[start:end], k, dim=-1, sorted=True)  # (g, k)
-        rank = torch.arange(k, device=x.device)
-        keep = rank[None, :] < caps[start:end, None]  # (g, k)
-        values = torch.where(keep, values.relu(), values.new_zeros(()))
-        out_t[start:end].scatter_(-1, token_idx, values)
-    if plan.order is not None:
-        out_t = torch.zeros_like(out_t).index_copy(0, plan.order, out_t)
-    return out_t.t().reshape(hidden_pre.shape)
+    # Select under no_grad, group by group, then gather the kept values from xt
+    # in one differentiable op: autograd then holds one (F*N,) gradient buffer,
+    # not one per group.
+    positions, keeps = [], []
+    with torch.no_grad():
+        xt_detached = xt.detach()
+        for start, end, k in plan.groups:
+            if plan.order is None:
+                latents = torch.arange(start, end, device=x.device)  # (g,)
+                block = xt_detached[start:end]  # (g, N)
+            else:
+                latents = plan.order[start:end]  # (g,)
+                block = xt_detached.index_select(0, latents)  # (g, N)
+            values, token_idx = torch.topk(block, k, dim=-1, sorted=True)  # (g, k)
+            rank = torch.arange(k, device=x.device)
+            keep = (rank[None, :] < caps.index_select(0, latents)[:, None]) & (values > 0)
+            smallest.index_copy_(0, latents, _smallest_kept(values.masked_fill(~keep, 0), -1))
+            counts.index_copy_(0, latents, keep.sum(-1))
+            # (latent, token) pairs are distinct, so scattering zeros for the
+            # entries not kept is harmless and keeps every shape fixed.
+            positions.append((latents[:, None] * n_tokens + token_idx).reshape(-1))  # (g*k,)
+            keeps.append(keep.reshape(-1))  # (g*k,)
+        position = torch.cat(positions)  # (sum g*k,)
+        kept = torch.cat(keeps)
+    xt_flat = xt.reshape(-1)  # (F*N,) view
+    values = torch.where(kept, xt_flat.gather(0, position), xt_flat.new_zeros(()))
+    out_t = xt_flat.new_zeros(d_sae * n_tokens).scatter_(0, position, values)  # (F*N,)
+    return out_t.view(d_sae, n_tokens).t().reshape(hidden_pre.shape), smallest, counts
 
 
 # ---------------------------------------------------------------------------
