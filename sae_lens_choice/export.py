@@ -222,7 +222,7 @@ def export_jumprelu_dir(
 
 
 def export_jumprelu_cli(args: list[str]) -> int:
-    """``sae-lens-choice export IN_DIR OUT_DIR [--overwrite] [--no-verify]``.
+    """``sae-lens-choice export-jumprelu IN_DIR OUT_DIR [--overwrite] [--no-verify]``.
 
     Returns the process exit status (0 on success, 1 on an error, which is
     printed to stderr).

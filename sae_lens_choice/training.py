@@ -14,7 +14,7 @@ State kept outside autocast, in the checkpoint:
 - ``threshold_updates`` (int64, scalar for Mutual Choice, per latent for
   Feature Choice): how many batches fed each EMA; the first update sets it
   directly, so no warm-up from zero.
-- ``zipf_fit`` (float64, 4): alpha, beta, C, R^2 of the latest fit of the
+- ``zipf_fit`` (float64, 4): alpha, beta, log C, R^2 of the latest fit of the
   density curve, refreshed every ``zipf_refit_every`` steps (aux_zipf only).
 """
 
@@ -22,14 +22,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from typing_extensions import override
 
-from sae_lens_choice.allocation import MutualChoiceMethod, check_finite
+from sae_lens_choice.allocation import (
+    MutualChoiceMethod,
+    check_finite,
+    feature_choice_with_stats,
+    mutual_choice_with_stats,
+    round_capacities,
+)
 from sae_lens_choice.inference import FeatureChoice, MutualChoice, choice_hidden_pre
 from sae_lens_choice.losses import aux_candidate_mask, aux_reconstruction_loss
 from sae_lens_choice.zipf import ZipfFit, fit_zipf, underused_mask
@@ -104,7 +110,7 @@ class _ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
 def _validate_choice_config(cfg: _ChoiceTrainingSAEConfig) -> None:
     arch = cfg.architecture()
 
-    def fail(field: str, message: str) -> None:
+    def fail(field: str, message: str) -> NoReturn:
         raise ValueError(f"{arch} config: {field} {message}")
 
     if isinstance(cfg.k, bool) or not isinstance(cfg.k, (int, float)):
@@ -130,13 +136,15 @@ def _validate_choice_config(cfg: _ChoiceTrainingSAEConfig) -> None:
     if not 0.0 <= cfg.zipf_underuse_ratio <= 1.0:
         fail("zipf_underuse_ratio", f"must be in [0, 1], got {cfg.zipf_underuse_ratio}")
     window = cfg.zipf_fit_rank_window
-    if isinstance(window, list):
-        cfg.zipf_fit_rank_window = window = (float(window[0]), float(window[1]))
-    if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
-        fail(
-            "zipf_fit_rank_window",
-            f"must be two fractions of d_sae with 0 <= lo < hi <= 1, got {window}",
-        )
+    window_error = f"must be two fractions of d_sae with 0 <= lo < hi <= 1, got {window!r}"
+    try:
+        # a JSON round trip turns the tuple into a list
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        fail("zipf_fit_rank_window", window_error)
+    if not 0.0 <= lo < hi <= 1.0:
+        fail("zipf_fit_rank_window", window_error)
+    cfg.zipf_fit_rank_window = (lo, hi)
     if not (isinstance(cfg.zipf_refit_every, int) and cfg.zipf_refit_every >= 1):
         fail("zipf_refit_every", f"must be an integer >= 1, got {cfg.zipf_refit_every}")
     if not 0.0 <= cfg.density_ema_decay < 1.0:
@@ -217,6 +225,57 @@ class FeatureChoiceTrainingSAEConfig(_ChoiceTrainingSAEConfig):
 
 
 # ---------------------------------------------------------------------------
+# activations that also report the smallest kept values
+# ---------------------------------------------------------------------------
+
+
+class _TrainingMutualChoice(MutualChoice):
+    """``MutualChoice`` that keeps the selection's statistics for the EMAs.
+
+    ``last_stats`` = (smallest kept value, per-latent firing counts) of the
+    latest batch. The selection knows them for free (from the T kept entries);
+    recomputing them from the (N, F) output would cost passes over the whole
+    matrix every step.
+    """
+
+    last_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        acts, smallest, counts = mutual_choice_with_stats(
+            hidden_pre, self.k, method=self.method, validate=self.validate
+        )
+        self.last_stats = (smallest, counts)
+        return acts
+
+
+class _TrainingFeatureChoice(FeatureChoice):
+    """``FeatureChoice`` that keeps the selection's statistics (see above)."""
+
+    last_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
+        c, plan = self.capacities_and_plan(n_tokens, hidden_pre.device)
+        capacities = round_capacities(c, generator=self.generator)
+        self.last_capacities = capacities
+        acts, smallest, counts = feature_choice_with_stats(
+            hidden_pre, capacities, plan=plan, validate=self.validate
+        )
+        self.last_stats = (smallest, counts)
+        return acts
+
+
+def _take_stats(activation: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    # (smallest kept value(s), per-latent counts) of the latest batch, consumed once
+    stats = getattr(activation, "last_stats", None)
+    if stats is not None:
+        activation.last_stats = None  # type: ignore[attr-defined]
+    return stats
+
+
+# ---------------------------------------------------------------------------
 # training SAEs
 # ---------------------------------------------------------------------------
 
@@ -271,20 +330,39 @@ class _ChoiceTrainingSAE(TopKTrainingSAE):
         if check:
             check_finite(output.hidden_pre, "hidden_pre")
         with torch.no_grad(), torch.autocast(output.feature_acts.device.type, enabled=False):
-            self._update_density(output.feature_acts)
-            self._update_thresholds(output.feature_acts)
+            # The activation's own statistics of this batch when it kept them
+            # (cheap); otherwise they are recomputed from feature_acts.
+            stats = _take_stats(self.activation_fn)
+            smallest, counts = (None, None) if stats is None else stats
+            self._update_density(output.feature_acts, counts)
+            self._update_thresholds(output.feature_acts, smallest)
         if step_input.is_logging_step:
             output.metrics.update(self._metrics(output, step_input))
         return output
 
     @torch.no_grad()
-    def _update_density(self, feature_acts: torch.Tensor) -> None:
-        fired = (feature_acts.reshape(-1, feature_acts.shape[-1]) > 0).to(torch.float32)
-        batch_density = fired.mean(0)  # (F,)
+    def _update_density(
+        self, feature_acts: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> None:
+        """Blend this batch's firing densities into the EMA.
+
+        ``counts`` (F,): tokens each latent fired on, when the selection counted
+        them; otherwise they are counted in ``feature_acts``.
+        """
+        acts = feature_acts.detach().reshape(-1, feature_acts.shape[-1])  # (N, F)
+        fired = (acts > 0).sum(0) if counts is None else counts  # (F,)
+        batch_density = fired.to(torch.float32) / acts.shape[0]  # (F,)
         decay = self.cfg.density_ema_decay
         self.latent_density_ema.mul_(decay).add_(batch_density, alpha=1 - decay)
 
-    def _update_thresholds(self, feature_acts: torch.Tensor) -> None:
+    def _update_thresholds(
+        self, feature_acts: torch.Tensor, smallest: torch.Tensor | None = None
+    ) -> None:
+        """Blend this batch's smallest kept value(s) into the threshold EMA.
+
+        ``smallest``: as the selection found it (``inf`` where nothing was
+        kept); otherwise it is read off ``feature_acts``.
+        """
         raise NotImplementedError
 
     def _ema(
@@ -293,8 +371,11 @@ class _ChoiceTrainingSAE(TopKTrainingSAE):
         # First observation sets the value; later ones blend in at threshold_ema_rate.
         rate = self.cfg.threshold_ema_rate
         blended = torch.where(count == 0, new, (1 - rate) * old + rate * new)
-        old.copy_(torch.where(has_new, blended, old))
-        count.add_(has_new.to(count.dtype))
+        # Write through 1-D views: under torch.compile (aot_eager/inductor,
+        # torch 2.13) an in-place write to a 0-d float64 graph input (the
+        # Mutual Choice threshold) is silently dropped; a view's write is kept.
+        old.view(-1).copy_(torch.where(has_new, blended, old).reshape(-1))
+        count.view(-1).add_(has_new.to(count.dtype).reshape(-1))
 
     # -- auxiliary loss ----------------------------------------------------------
 
@@ -307,8 +388,10 @@ class _ChoiceTrainingSAE(TopKTrainingSAE):
         return fit_zipf(self.latent_density_ema, (lo, hi))
 
     def _stored_fit(self) -> ZipfFit:
-        alpha, beta, c, r2 = self.zipf_fit.unbind()
-        return ZipfFit(alpha=alpha, beta=beta, C=c, r2=r2, n_points=r2.new_tensor(float("nan")))
+        alpha, beta, log_c, r2 = self.zipf_fit.unbind()
+        return ZipfFit(
+            alpha=alpha, beta=beta, log_C=log_c, r2=r2, n_points=r2.new_tensor(float("nan"))
+        )
 
     def aux_candidates(
         self, dead_neuron_mask: torch.Tensor | None, n_training_steps: int
@@ -319,7 +402,7 @@ class _ChoiceTrainingSAE(TopKTrainingSAE):
         if n_training_steps % self.cfg.zipf_refit_every == 0:
             # refit on schedule; the stored fit is used between refits
             fit = self.current_zipf_fit()
-            self.zipf_fit.copy_(torch.stack([fit.alpha, fit.beta, fit.C, fit.r2]))
+            self.zipf_fit.copy_(torch.stack([fit.alpha, fit.beta, fit.log_C, fit.r2]))
         fit = self._stored_fit()
         # Before the first refit the stored fit is NaN: compare against NaN is
         # False, so only dead latents are candidates.
@@ -342,12 +425,25 @@ class _ChoiceTrainingSAE(TopKTrainingSAE):
                 step_input.dead_neuron_mask, step_input.n_training_steps
             )
         self._last_aux_candidates = candidates
+        W_dec = self.W_dec
+        if candidates is not None and hidden_pre.device.type == "cpu":
+            # On CPU reading the candidates back costs nothing, so the loss runs
+            # on the candidate latents alone: the same value and gradients as the
+            # masked (N, F) computation, at N x n_candidates cost, and nothing at
+            # all when there are no candidates. (On accelerators the read-back
+            # would stall the stream; there the masked form below runs.)
+            index = candidates.nonzero().squeeze(1)  # (n,)
+            if index.numel() == 0:
+                return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
+            hidden_pre = hidden_pre.index_select(-1, index)  # (..., n)
+            W_dec = W_dec.index_select(0, index)  # (n, d_in)
+            candidates = torch.ones_like(index, dtype=torch.bool)  # (n,)
         loss = aux_reconstruction_loss(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
             hidden_pre=hidden_pre,
             candidate_mask=candidates,
-            W_dec=self.W_dec,
+            W_dec=W_dec,
             rescale_acts_by_decoder_norm=self.cfg.rescale_acts_by_decoder_norm,
             coefficient=self.cfg.aux_loss_coefficient,
         )
@@ -423,7 +519,7 @@ class MutualChoiceTrainingSAE(_ChoiceTrainingSAE):
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # finiteness is checked on a schedule in training_forward_pass
-        return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
+        return _TrainingMutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
 
     @override
     def _register_threshold_buffers(self, device: torch.device) -> None:
@@ -432,11 +528,14 @@ class MutualChoiceTrainingSAE(_ChoiceTrainingSAE):
 
     @override
     @torch.no_grad()
-    def _update_thresholds(self, feature_acts: torch.Tensor) -> None:
-        acts = feature_acts.detach().to(torch.float64)
-        positive = acts > 0
-        smallest = torch.where(positive, acts, torch.full_like(acts, float("inf"))).min()
-        self._ema(self.threshold, smallest, self.threshold_updates, positive.any())
+    def _update_thresholds(
+        self, feature_acts: torch.Tensor, smallest: torch.Tensor | None = None
+    ) -> None:
+        if smallest is None:
+            acts = feature_acts.detach()
+            smallest = torch.where(acts > 0, acts, acts.new_tensor(float("inf"))).amin()
+        smallest = smallest.to(torch.float64)  # () , inf when nothing was kept
+        self._ema(self.threshold, smallest, self.threshold_updates, torch.isfinite(smallest))
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:
@@ -461,7 +560,7 @@ class FeatureChoiceTrainingSAE(_ChoiceTrainingSAE):
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         cfg = self.cfg
-        return FeatureChoice(
+        return _TrainingFeatureChoice(
             cfg.k, cfg.d_sae, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta, validate=False
         )
 
@@ -487,11 +586,14 @@ class FeatureChoiceTrainingSAE(_ChoiceTrainingSAE):
 
     @override
     @torch.no_grad()
-    def _update_thresholds(self, feature_acts: torch.Tensor) -> None:
-        acts = feature_acts.detach().reshape(-1, feature_acts.shape[-1]).to(torch.float64)
-        positive = acts > 0
-        smallest = torch.where(positive, acts, torch.full_like(acts, float("inf"))).amin(0)  # (F,)
-        self._ema(self.threshold, smallest, self.threshold_updates, positive.any(0))
+    def _update_thresholds(
+        self, feature_acts: torch.Tensor, smallest: torch.Tensor | None = None
+    ) -> None:
+        if smallest is None:
+            acts = feature_acts.detach().reshape(-1, feature_acts.shape[-1])  # (N, F)
+            smallest = torch.where(acts > 0, acts, acts.new_tensor(float("inf"))).amin(0)
+        smallest = smallest.to(torch.float64)  # (F,), inf where a latent kept nothing
+        self._ema(self.threshold, smallest, self.threshold_updates, torch.isfinite(smallest))
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:
