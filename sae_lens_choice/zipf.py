@@ -10,6 +10,7 @@ step.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,12 @@ __all__ = [
 class ZipfFit(NamedTuple):
     """A fitted ``p(r) = C * (r + beta) ** -alpha``; fields are 0-d float64 tensors.
 
+    The scale is kept as ``log_C``: on density curves that are closer to
+    exponential than to a power law the best fit has a large ``beta`` and a
+    large ``alpha``, and ``C = exp(log_C)`` alone overflows float64 even though
+    every predicted density is an ordinary number. Predictions are therefore
+    made in log space (:meth:`log_predict`).
+
     ``r2`` is the coefficient of determination of the log-log fit over the
     ranks used (0 when those log-densities are all equal). ``n_points`` is how
     many ranks with positive density the fit used.
@@ -33,14 +40,23 @@ class ZipfFit(NamedTuple):
 
     alpha: torch.Tensor
     beta: torch.Tensor
-    C: torch.Tensor
+    log_C: torch.Tensor
     r2: torch.Tensor
     n_points: torch.Tensor
 
+    @property
+    def C(self) -> torch.Tensor:
+        """``exp(log_C)``; may be ``inf`` for steep fits, use :meth:`log_predict`."""
+        return torch.exp(self.log_C)
+
+    def log_predict(self, ranks: torch.Tensor) -> torch.Tensor:
+        """log p(r) at 1-based ``ranks`` (finite whenever the fit is)."""
+        r = ranks.to(torch.float64)
+        return self.log_C - self.alpha * torch.log(r + self.beta)
+
     def predict(self, ranks: torch.Tensor) -> torch.Tensor:
         """p(r) at 1-based ``ranks``."""
-        r = ranks.to(torch.float64)
-        return self.C * (r + self.beta).pow(-self.alpha)
+        return torch.exp(self.log_predict(ranks))
 
     def to_dict(self) -> dict[str, float]:
         """Plain floats (reads the values back from the device)."""
@@ -120,6 +136,9 @@ def fit_zipf(
         raise ValueError(f"rank_window must satisfy 1 <= lo <= hi, got ({lo}, {hi})")
     if grid_size < 4:
         raise ValueError(f"grid_size must be >= 4, got {grid_size}")
+    if max_beta is not None and not (math.isfinite(max_beta) and max_beta > 0):
+        # log10 of the grid's end would be -inf or NaN and every beta would fit as NaN.
+        raise ValueError(f"max_beta must be a finite number > 0, got {max_beta}")
 
     sorted_d = torch.sort(d, descending=True).values  # (F,)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=d.device)  # (F,)
@@ -127,12 +146,15 @@ def fit_zipf(
     y = torch.log(torch.where(sorted_d > 0, sorted_d, torch.ones_like(sorted_d)))
 
     top = float(max_beta) if max_beta is not None else 10.0 * hi
+    # The grid ends exactly at max_beta (a float32 log10 overshot it) and starts
+    # below it even when max_beta < 0.01, so beta stays within [0, max_beta].
+    top_exp = math.log10(top)
     coarse = torch.cat(
         [
             torch.zeros(1, dtype=torch.float64, device=d.device),
             torch.logspace(
-                -2,
-                torch.log10(torch.tensor(top)).item(),
+                min(-2.0, top_exp - 2.0),
+                top_exp,
                 grid_size - 1,
                 dtype=torch.float64,
                 device=d.device,
@@ -152,7 +174,7 @@ def fit_zipf(
     return ZipfFit(
         alpha=-slope[i],
         beta=fine[i],
-        C=torch.exp(intercept[i]),
+        log_C=intercept[i],
         r2=r2,
         n_points=w.sum(),
     )
@@ -163,6 +185,8 @@ def underused_mask(densities: torch.Tensor, fit: ZipfFit, gamma: float) -> torch
 
     ``U = {j : rho_j < gamma * p(rank_j)}`` (DESIGN section 4). With ``gamma = 0``
     the set is empty. A latent of density 0 is flagged for any ``gamma > 0``.
+    The comparison is made in log space so a fit whose ``C`` overflows still
+    flags the right latents; a NaN fit (none made yet) flags only dead latents.
 
     Args:
         densities: (F,) firing densities.
@@ -171,5 +195,9 @@ def underused_mask(densities: torch.Tensor, fit: ZipfFit, gamma: float) -> torch
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma (zipf_underuse_ratio) must be in [0, 1], got {gamma}")
-    expected = fit.predict(density_ranks(densities))
-    return densities.to(torch.float64) < gamma * expected
+    rho = densities.to(torch.float64)
+    if gamma == 0.0:
+        return torch.zeros_like(rho, dtype=torch.bool)
+    log_expected = fit.log_predict(density_ranks(densities))
+    below = torch.log(rho.clamp(min=1e-300)) < math.log(gamma) + log_expected
+    return below | (rho <= 0)
