@@ -70,7 +70,10 @@ class _ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         zipf_fit_rank_window (tuple[float, float]): ranks the Zipf curve is
             fitted on, as fractions of d_sae (head and tail excluded).
         zipf_refit_every (int): steps between refits of the Zipf curve.
-        density_ema_decay (float): decay of the per-latent firing-density EMA.
+        density_ema_decay (float): decay of the per-latent firing-density EMA
+            (initialised at k / d_sae). Its memory is about 1 / (1 - decay)
+            steps: 0.99 suits long runs; for runs of a few hundred steps use
+            ~0.9, or the EMA is still near its start and flags few latents.
         threshold_ema_rate (float): weight of the new batch in the threshold EMA.
         check_finite_every (int): every this many steps (and on logging steps)
             the pre-activations are checked for NaN/inf, which reads one flag
