@@ -120,12 +120,17 @@ class FeatureChoice(nn.Module):
             self._cache[key] = (c.to(device), plan)
         return self._cache[key]
 
-    @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+    def draw_capacities(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, FeatureChoicePlan]:
+        """This batch's integer capacities (rounded afresh, kept in ``last_capacities``) and plan."""
         n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
         c, plan = self.capacities_and_plan(n_tokens, hidden_pre.device)
         capacities = round_capacities(c, generator=self.generator)
         self.last_capacities = capacities
+        return capacities, plan
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        capacities, plan = self.draw_capacities(hidden_pre)
         return feature_choice(hidden_pre, capacities, plan=plan, validate=self.validate)
 
 

@@ -34,7 +34,6 @@ from sae_lens_choice.allocation import (
     check_finite,
     feature_choice_with_stats,
     mutual_choice_with_stats,
-    round_capacities,
 )
 from sae_lens_choice.inference import FeatureChoice, MutualChoice, choice_hidden_pre
 from sae_lens_choice.losses import aux_candidate_mask, aux_reconstruction_loss
@@ -259,10 +258,7 @@ class _TrainingFeatureChoice(FeatureChoice):
 
     @override
     def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
-        c, plan = self.capacities_and_plan(n_tokens, hidden_pre.device)
-        capacities = round_capacities(c, generator=self.generator)
-        self.last_capacities = capacities
+        capacities, plan = self.draw_capacities(hidden_pre)
         acts, smallest, counts = feature_choice_with_stats(
             hidden_pre, capacities, plan=plan, validate=self.validate
         )
