@@ -18,23 +18,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
+
+from sae_lens_choice.validation import check_number, fail
 
 MutualChoiceMethod = Literal["auto", "candidates", "flat"]
 
 __all__ = [
+    "ChoicePairs",
     "FeatureChoicePlan",
     "batch_budget",
     "capacity_bounds",
     "check_finite",
+    "check_zipf_parameters",
     "feature_choice",
-    "feature_choice_with_stats",
+    "feature_choice_pairs",
     "mutual_choice",
-    "mutual_choice_with_stats",
+    "mutual_choice_pairs",
+    "pairs_to_dense",
     "plan_feature_choice",
     "round_capacities",
+    "rounding_offset",
     "token_choice",
     "uniform_capacities",
     "zipf_capacities",
@@ -78,19 +84,91 @@ def check_finite(hidden_pre: torch.Tensor, name: str = "hidden_pre") -> None:
 
 
 def _check_k(k: float, d_sae: int, name: str = "k") -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise ValueError(f"{name} must be a number, got {k!r}")
-    if not math.isfinite(k) or k <= 0:
-        raise ValueError(f"{name} must be > 0, got {k}")
+    check_number(k, name, gt=0, hint="k is the expected number of active latents per token")
     if k > d_sae:
-        raise ValueError(
-            f"{name}={k} is larger than the number of latents d_sae={d_sae}; use k <= d_sae"
-        )
+        fail(name, f"= {k} is larger than the number of latents d_sae = {d_sae}; use k <= d_sae")
 
 
 def batch_budget(k: float, n_tokens: int) -> int:
     """T = round(k * N), rounding halves up, so ``k`` is the expected L0 per token."""
     return math.floor(k * n_tokens + 0.5)
+
+
+# ---------------------------------------------------------------------------
+# the pairs a selection keeps
+# ---------------------------------------------------------------------------
+
+
+class ChoicePairs(NamedTuple):
+    """The (token, latent) pairs an allocation keeps, with their values.
+
+    A selection is computed without autograd and returned in this form, so
+    training can decode from the kept pairs alone (:mod:`sae_lens_choice.sparse`)
+    or scatter them into a dense ``feature_acts`` (:func:`pairs_to_dense`).
+
+    Attributes:
+        token_idx: (P,) int64 row of each pair in the (N, F) matrix.
+        latent_idx: (P,) int64 latent of each pair.
+        values: (P,) detached ``relu(hidden_pre)`` of each pair; 0 marks a
+            padding slot, which keeps ``P`` independent of the data (no
+            read-back) and contributes nothing. Pairs are distinct.
+    """
+
+    token_idx: torch.Tensor
+    latent_idx: torch.Tensor
+    values: torch.Tensor
+
+    def kept(self) -> torch.Tensor:
+        """(P,) bool: the pairs that fire (positive value)."""
+        return self.values > 0
+
+    def latent_counts(self, d_sae: int) -> torch.Tensor:
+        """(F,) int64: how many tokens each latent fires on."""
+        counts = torch.zeros(d_sae, dtype=torch.long, device=self.values.device)
+        return counts.index_add_(0, self.latent_idx, self.kept().to(torch.long))
+
+    def token_counts(self, n_tokens: int) -> torch.Tensor:
+        """(N,) int64: how many latents each token fires on (its L0)."""
+        counts = torch.zeros(n_tokens, dtype=torch.long, device=self.values.device)
+        return counts.index_add_(0, self.token_idx, self.kept().to(torch.long))
+
+    def smallest_value(self, d_sae: int | None = None) -> torch.Tensor:
+        """Smallest firing value: 0-d over all pairs, or (F,) per latent with ``d_sae``.
+
+        ``inf`` where nothing fires. Used for threshold tracking.
+        """
+        inf = self.values.new_tensor(float("inf"))
+        positive = torch.where(self.kept(), self.values, inf)  # (P,)
+        if d_sae is None:
+            return positive.amin() if positive.numel() else inf
+        out = self.values.new_full((d_sae,), float("inf"))
+        return out.scatter_reduce_(0, self.latent_idx, positive, reduce="amin")
+
+
+def pairs_to_dense(pairs: ChoicePairs, hidden_pre: torch.Tensor) -> torch.Tensor:
+    """``feature_acts`` of ``hidden_pre``'s shape: ``hidden_pre`` on the kept pairs, else 0.
+
+    Differentiable in ``hidden_pre``: gradients reach exactly the kept pairs, as
+    through ``relu`` restricted to them. When ``hidden_pre`` is the transposed
+    view of an (F, N) contiguous tensor (the Feature Choice training layout),
+    the scatter works in that layout and returns an (N, F) view of it.
+    """
+    x = hidden_pre.reshape(-1, hidden_pre.shape[-1])  # (N, F)
+    n_tokens, d_sae = x.shape
+    kept = pairs.kept()
+    xt = x.t()  # (F, N)
+    if xt.is_contiguous():
+        position = pairs.latent_idx * n_tokens + pairs.token_idx  # into (F*N,)
+        flat = xt.reshape(-1)
+    else:
+        position = pairs.token_idx * d_sae + pairs.latent_idx  # into (N*F,)
+        flat = x.reshape(-1)
+    # (latent, token) pairs are distinct, so scattering zeros for padding is harmless
+    values = torch.where(kept, flat.gather(0, position), flat.new_zeros(()))
+    out = flat.new_zeros(flat.numel()).scatter_(0, position, values)
+    if xt.is_contiguous():
+        return out.view(d_sae, n_tokens).t().reshape(hidden_pre.shape)
+    return out.view(n_tokens, d_sae).reshape(hidden_pre.shape)
 
 
 # ---------------------------------------------------------------------------
@@ -184,12 +262,6 @@ def default_candidates_per_token(k: float, d_sae: int) -> int:
     return min(d_sae, max(4 * math.ceil(k), math.ceil(k) + 8))
 
 
-def _smallest_kept(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    # the smallest positive value among `values` (inf where none is positive)
-    positive = torch.where(values > 0, values, values.new_tensor(float("inf")))
-    return positive.amin() if dim is None else positive.amin(dim)
-
-
 def mutual_choice(
     hidden_pre: torch.Tensor,
     k: float,
@@ -221,33 +293,32 @@ def mutual_choice(
             default :func:`default_candidates_per_token`.
         validate: check for non-finite values (one device read-back).
     """
-    return mutual_choice_with_stats(
+    pairs = mutual_choice_pairs(
         hidden_pre,
         k,
         method=method,
         candidates_per_token=candidates_per_token,
         validate=validate,
-    )[0]
+    )
+    return pairs_to_dense(pairs, hidden_pre)
 
 
-def mutual_choice_with_stats(
+def mutual_choice_pairs(
     hidden_pre: torch.Tensor,
     k: float,
     *,
     method: MutualChoiceMethod = "auto",
     candidates_per_token: int | None = None,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`mutual_choice`, plus the smallest value it kept and per-latent counts.
+) -> ChoicePairs:
+    """The (token, latent) pairs :func:`mutual_choice` keeps, with their values.
 
-    Returns:
-        ``(feature_acts, smallest, counts)``, the last two detached and read off
-        the T kept entries rather than by passes over the (N, F) result (the
-        training SAE tracks them every step): ``smallest`` (0-d) is the smallest
-        positive kept value (``inf`` when none), ``counts`` (F,) int64 how many
-        tokens each latent fired on (kept with a positive value).
+    Runs without autograd. ``P = T = round(k * N)`` pairs (fewer only when the
+    matrix has fewer entries); a pair whose value is not positive is padding
+    (value 0), so the shape never depends on the data. Arguments as for
+    :func:`mutual_choice`.
     """
-    x = _as_matrix(hidden_pre)  # (N, F)
+    x = _as_matrix(hidden_pre).detach()  # (N, F)
     n_tokens, d_sae = x.shape
     _check_k(k, d_sae)
     if method not in ("auto", "candidates", "flat"):
@@ -258,34 +329,31 @@ def mutual_choice_with_stats(
     if candidates_per_token is not None and candidates_per_token < 1:
         raise ValueError(f"candidates_per_token must be >= 1, got {candidates_per_token}")
     if budget == 0:
-        counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)
-        return torch.zeros_like(hidden_pre), x.new_tensor(float("inf")), counts
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return ChoicePairs(empty, empty, x.new_zeros(0))
     if method == "auto":
         method = "candidates" if x.device.type == "cpu" else "flat"
     c = min(candidates_per_token or default_candidates_per_token(k, d_sae), d_sae)
-    if method == "flat" or c * n_tokens <= budget or c == d_sae:
-        values, positions = _flat_top(x, budget)  # (T,), (T,)
-    else:
-        cand_values, cand_indices = torch.topk(x, c, dim=-1, sorted=False)  # (N, c)
-        values, flat_pos = torch.topk(cand_values.reshape(-1), budget, sorted=False)  # (T,)
-        rows = torch.div(flat_pos, c, rounding_mode="floor")  # (T,)
-        # A token whose every candidate was chosen may have more entries above
-        # the global threshold than it was allowed to offer: only then is the
-        # shortcut inexact.
-        saturated = torch.bincount(rows, minlength=n_tokens) >= c  # (N,)
-        if bool(saturated.any()):
-            values, positions = _widen_candidates(x, cand_values, cand_indices, saturated, budget)
-        else:
-            cols = cand_indices.reshape(-1).gather(0, flat_pos)  # (T,)
-            positions = rows * d_sae + cols
-    # one (N*F,) allocation, written in place
-    out = x.new_zeros(n_tokens * d_sae).scatter_(0, positions, values.relu())
     with torch.no_grad():
-        kept = values.detach()
-        smallest = _smallest_kept(kept)
-        counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)
-        counts.index_add_(0, positions % d_sae, (kept > 0).to(torch.long))  # (F,)
-    return out.reshape(hidden_pre.shape), smallest, counts
+        if method == "flat" or c * n_tokens <= budget or c == d_sae:
+            values, positions = _flat_top(x, budget)  # (T,), (T,)
+        else:
+            cand_values, cand_indices = torch.topk(x, c, dim=-1, sorted=False)  # (N, c)
+            values, flat_pos = torch.topk(cand_values.reshape(-1), budget, sorted=False)  # (T,)
+            rows = torch.div(flat_pos, c, rounding_mode="floor")  # (T,)
+            # A token whose every candidate was chosen may have more entries above
+            # the global threshold than it was allowed to offer: only then is the
+            # shortcut inexact.
+            saturated = torch.bincount(rows, minlength=n_tokens) >= c  # (N,)
+            if bool(saturated.any()):
+                values, positions = _widen_candidates(
+                    x, cand_values, cand_indices, saturated, budget
+                )
+            else:
+                cols = cand_indices.reshape(-1).gather(0, flat_pos)  # (T,)
+                positions = rows * d_sae + cols
+        token_idx = torch.div(positions, d_sae, rounding_mode="floor")
+        return ChoicePairs(token_idx, positions - token_idx * d_sae, values.relu())
 
 
 # ---------------------------------------------------------------------------
@@ -417,26 +485,26 @@ def feature_choice(
     contiguous tensor (the training SAE computes it that way) no copy is made.
     The result may then be a non-contiguous (N, F) view.
     """
-    return feature_choice_with_stats(hidden_pre, capacities, plan=plan, validate=validate)[0]
+    pairs = feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=validate)
+    return pairs_to_dense(pairs, hidden_pre)
 
 
-def feature_choice_with_stats(
+def feature_choice_pairs(
     hidden_pre: torch.Tensor,
     capacities: torch.Tensor,
     *,
     plan: FeatureChoicePlan | None = None,
     validate: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`feature_choice`, plus each latent's smallest kept value and count.
+) -> ChoicePairs:
+    """The (token, latent) pairs :func:`feature_choice` keeps, with their values.
 
-    Returns:
-        ``(feature_acts, smallest, counts)``, the last two detached (F,) tensors
-        read off the selection rather than by passes over the (N, F) result (the
-        training SAE tracks them every step): ``smallest`` is each latent's
-        smallest positive kept value (``inf`` where it kept nothing), ``counts``
-        (int64) how many tokens it fired on (kept with a positive value).
+    Runs without autograd. Each plan group of ``g`` latents offers ``g * k``
+    slots (``k`` the group's largest capacity); a slot beyond its latent's
+    capacity, or whose value is not positive, is padding (value 0), so the
+    number of pairs ``P = sum(g * k)`` is fixed by the plan, never by the data.
+    Arguments as for :func:`feature_choice`.
     """
-    x = _as_matrix(hidden_pre)  # (N, F)
+    x = _as_matrix(hidden_pre).detach()  # (N, F)
     n_tokens, d_sae = x.shape
     if validate:
         _check_capacities(capacities, n_tokens, d_sae)
@@ -453,42 +521,29 @@ def feature_choice_with_stats(
         )
     elif validate:
         _check_plan_covers(plan, capacities)
+    if not plan.groups:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
+        return ChoicePairs(empty, empty, x.new_zeros(0))
     xt = x.t()  # (F, N)
     if not xt.is_contiguous():
         xt = xt.contiguous()
-    smallest = x.new_full((d_sae,), float("inf"))  # (F,)
-    counts = torch.zeros(d_sae, dtype=torch.long, device=x.device)  # (F,)
-    if not plan.groups:
-        return torch.zeros_like(xt).t().reshape(hidden_pre.shape), smallest, counts
     caps = capacities.to(device=x.device, dtype=torch.long)
-    # Select under no_grad, group by group, then gather the kept values from xt
-    # in one differentiable op: autograd then holds one (F*N,) gradient buffer,
-    # not one per group.
-    positions, keeps = [], []
+    tokens, latents_all, kept_values = [], [], []
     with torch.no_grad():
-        xt_detached = xt.detach()
         for start, end, k in plan.groups:
             if plan.order is None:
                 latents = torch.arange(start, end, device=x.device)  # (g,)
-                block = xt_detached[start:end]  # (g, N)
+                block = xt[start:end]  # (g, N)
             else:
                 latents = plan.order[start:end]  # (g,)
-                block = xt_detached.index_select(0, latents)  # (g, N)
+                block = xt.index_select(0, latents)  # (g, N)
             values, token_idx = torch.topk(block, k, dim=-1, sorted=True)  # (g, k)
             rank = torch.arange(k, device=x.device)
             keep = (rank[None, :] < caps.index_select(0, latents)[:, None]) & (values > 0)
-            smallest.index_copy_(0, latents, _smallest_kept(values.masked_fill(~keep, 0), -1))
-            counts.index_copy_(0, latents, keep.sum(-1))
-            # (latent, token) pairs are distinct, so scattering zeros for the
-            # entries not kept is harmless and keeps every shape fixed.
-            positions.append((latents[:, None] * n_tokens + token_idx).reshape(-1))  # (g*k,)
-            keeps.append(keep.reshape(-1))  # (g*k,)
-        position = torch.cat(positions)  # (sum g*k,)
-        kept = torch.cat(keeps)
-    xt_flat = xt.reshape(-1)  # (F*N,) view
-    values = torch.where(kept, xt_flat.gather(0, position), xt_flat.new_zeros(()))
-    out_t = xt_flat.new_zeros(d_sae * n_tokens).scatter_(0, position, values)  # (F*N,)
-    return out_t.view(d_sae, n_tokens).t().reshape(hidden_pre.shape), smallest, counts
+            tokens.append(token_idx.reshape(-1))  # (g*k,)
+            latents_all.append(latents[:, None].expand(-1, k).reshape(-1))  # (g*k,)
+            kept_values.append(torch.where(keep, values, values.new_zeros(())).reshape(-1))
+        return ChoicePairs(torch.cat(tokens), torch.cat(latents_all), torch.cat(kept_values))
 
 
 # ---------------------------------------------------------------------------
@@ -497,11 +552,15 @@ def feature_choice_with_stats(
 
 
 def _check_capacity_args(n_tokens: int, d_sae: int, k: float) -> None:
-    if not isinstance(n_tokens, int) or n_tokens <= 0:
-        raise ValueError(f"n_tokens must be a positive integer, got {n_tokens!r}")
-    if not isinstance(d_sae, int) or d_sae <= 0:
-        raise ValueError(f"d_sae must be a positive integer, got {d_sae!r}")
+    check_number(n_tokens, "n_tokens", integer=True, gt=0)
+    check_number(d_sae, "d_sae", integer=True, gt=0)
     _check_k(k, d_sae)
+
+
+def check_zipf_parameters(alpha: float, beta: float, owner: str | None = None) -> None:
+    """Zipf–Mandelbrot capacity parameters: ``zipf_alpha > 0``, ``zipf_beta > -1``."""
+    check_number(alpha, "zipf_alpha", owner=owner, gt=0)
+    check_number(beta, "zipf_beta", owner=owner, gt=-1, hint="so that j + 1 + zipf_beta > 0")
 
 
 def uniform_capacities(n_tokens: int, d_sae: int, k: float) -> torch.Tensor:
@@ -529,10 +588,7 @@ def zipf_capacities(
         float64 (F,) tensor, non-increasing, each entry in (0, N].
     """
     _check_capacity_args(n_tokens, d_sae, k)
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"zipf alpha must be > 0, got {alpha}")
-    if not math.isfinite(beta) or beta <= -1:
-        raise ValueError(f"zipf beta must be > -1 (so that j + 1 + beta > 0), got {beta}")
+    check_zipf_parameters(alpha, beta)
     total = k * n_tokens
     weights = (torch.arange(d_sae, dtype=torch.float64) + 1.0 + beta).pow(-alpha)
     # Weights decrease with j, so the clipped latents are always a prefix: find
@@ -553,29 +609,70 @@ def zipf_capacities(
     return capacities
 
 
+#: Fractional part of the golden ratio: the Weyl sequence ``frac(t * GOLDEN)`` is
+#: equidistributed in [0, 1) with the lowest discrepancy of any such sequence.
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def rounding_offset(step: int | torch.Tensor, seed: int = 0) -> float | torch.Tensor:
+    """The systematic-rounding offset of batch ``step``: ``frac(0.5 + (seed + step) * GOLDEN)``.
+
+    Deterministic, so a resumed run and every data-parallel rank draw the same
+    capacities as the uninterrupted single-process run; equidistributed in
+    [0, 1), so over many batches each latent's mean capacity is exactly its
+    expected capacity (the error after t batches is O(log t / t)), which a
+    random offset only reaches in expectation. The sequence starts at 0.5, away
+    from the ends of [0, 1) where float error in the cumulative capacities
+    could move a floor.
+
+    ``step`` may be a tensor (an int64 step counter on the device): the
+    offset is then computed there, as a 0-d float64 tensor, with no read-back.
+    """
+    if isinstance(step, torch.Tensor):
+        return torch.frac(0.5 + (step.to(torch.float64) + seed) * GOLDEN)
+    check_number(step, "step", integer=True, ge=0)
+    check_number(seed, "seed", integer=True, ge=0)
+    return math.fmod(0.5 + (seed + step) * GOLDEN, 1.0)
+
+
 def round_capacities(
-    capacities: torch.Tensor, generator: torch.Generator | None = None
+    capacities: torch.Tensor,
+    generator: torch.Generator | None = None,
+    *,
+    offset: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Integer capacities for one batch, unbiased and with a fixed total.
 
-    Systematic rounding: with one uniform offset ``u`` and cumulative sums
+    Systematic rounding: with one offset ``u`` in [0, 1) and cumulative sums
     ``C_j``, ``m_j = floor(C_j + u) - floor(C_{j-1} + u)``. Each ``m_j`` is
-    ``floor(c_j)`` or ``ceil(c_j)``, ``E[m_j] = c_j``, and ``sum m_j`` equals the
-    total exactly when the total is an integer (else its floor or ceil, with
-    the right expectation). A latent with ``c_j < 1`` gets one token on a
-    fraction ``c_j`` of batches, so it cannot die.
+    ``floor(c_j)`` or ``ceil(c_j)``, ``E[m_j] = c_j`` for a uniform ``u``, and
+    ``sum m_j`` equals the total exactly when the total is an integer (else
+    its floor or ceil, with the right expectation). A latent with ``c_j < 1``
+    gets one token on a fraction ``c_j`` of batches, so it cannot die.
+
+    Args:
+        capacities: (F,) expected capacities.
+        generator: draws ``u`` uniformly (torch's global RNG when ``None``).
+        offset: use this ``u`` instead of drawing one: a float, or a 0-d
+            tensor (not checked, so it can stay on the device). Training uses
+            :func:`rounding_offset`, so runs are reproducible and resumable.
 
     Runs on the capacities' device without reading anything back.
     """
     if capacities.ndim != 1:
         raise ValueError(f"capacities must be 1-D, got shape {tuple(capacities.shape)}")
     c = capacities.to(torch.float64)
-    if generator is not None and generator.device != c.device:
-        offset = torch.rand((), generator=generator, dtype=torch.float64).to(c.device)
+    if isinstance(offset, torch.Tensor):
+        u = offset.to(device=c.device, dtype=torch.float64).reshape(())
+    elif offset is not None:
+        check_number(offset, "offset", ge=0, lt=1)
+        u = torch.tensor(offset, dtype=torch.float64).to(c.device)
+    elif generator is not None and generator.device != c.device:
+        u = torch.rand((), generator=generator, dtype=torch.float64).to(c.device)
     else:
-        offset = torch.rand((), generator=generator, dtype=torch.float64, device=c.device)
-    cumulative = torch.floor(torch.cumsum(c, 0) + offset)  # (F,)
-    previous = torch.cat([torch.floor(offset).reshape(1), cumulative[:-1]])
+        u = torch.rand((), generator=generator, dtype=torch.float64, device=c.device)
+    cumulative = torch.floor(torch.cumsum(c, 0) + u)  # (F,)
+    previous = torch.cat([torch.floor(u).reshape(1), cumulative[:-1]])
     # Floating error can only nudge a floor across an integer; clamp to the
     # bounds the exact arithmetic guarantees.
     return (cumulative - previous).clamp_(torch.floor(c), torch.ceil(c)).to(torch.long)

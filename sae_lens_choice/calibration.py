@@ -1,17 +1,24 @@
-"""Exact threshold calibration from held-out activations.
+"""Exact threshold calibration from activations.
 
-Training tracks the inference thresholds as an EMA of the smallest kept value,
-which lags a moving SAE and is biased for fractional capacities.
-:func:`calibrate_thresholds` replaces them by exact quantiles of a calibration
-set, computed in one streaming pass:
+A Choice SAE encodes one token at a time as a JumpReLU on ``hidden_pre``; its
+thresholds must make that per-token encoder fire as the training allocation
+did. :func:`compute_thresholds` finds them exactly, as quantiles of a
+calibration set, in one streaming pass:
 
-- **Mutual Choice**: one global threshold t such that exactly
-  ``T = round(k * N_total)`` of the ``N_total x d_sae`` pre-activations of the
-  calibration tokens are strictly above t (mean L0 = k on that set).
-- **Feature Choice**: per latent j, a threshold t_j such that exactly
-  ``m_j = round(rho_j * N_total)`` calibration tokens are strictly above it,
-  with ``rho_j = c_j / n`` the training target density of latent j (``c_j``
-  the expected capacities for a batch of ``n`` tokens).
+- **global** (Mutual Choice, and SAELens's BatchTopK, which keeps the same
+  set): one threshold t with exactly ``T = round(k * N_total)`` of the
+  ``N_total x d_sae`` pre-activations strictly above it, so the mean L0 over
+  the calibration tokens is k;
+- **per latent** (Feature Choice): a threshold t_j with exactly
+  ``m_j = round(rho_j * N_total)`` calibration tokens above it, ``rho_j`` the
+  latent's target density (its expected capacity over the batch size).
+
+:func:`calibrate_thresholds` writes them into a SAE: a training SAE of this
+package, a saved one (SAELens's ``jumprelu``, its targets read from the
+metadata this package's training config leaves there, which covers a
+``batchtopk``-trained JumpReLU too), or a 0.1.0 inference SAE. The training
+SAEs call :func:`compute_thresholds` on their most recent training tokens when
+they are saved.
 
 Only positive pre-activations can ever fire (``relu``), so thresholds are
 >= 0 and a latent with fewer positive values than its target gets 0.
@@ -19,7 +26,9 @@ Only positive pre-activations can ever fire (``relu``), so thresholds are
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -27,37 +36,77 @@ from sae_lens.saes.sae import SAE
 from tqdm.auto import tqdm
 
 from sae_lens_choice.allocation import batch_budget, check_finite, plan_feature_choice
-from sae_lens_choice.inference import FeatureChoice, choice_hidden_pre
+from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE, choice_hidden_pre
+from sae_lens_choice.feature_choice_sae import FeatureChoiceSAEConfig, target_densities
+from sae_lens_choice.inference import choice_settings
+from sae_lens_choice.validation import check_number
 
-__all__ = ["calibrate_thresholds", "target_densities"]
+__all__ = [
+    "MIN_TARGET_COUNT",
+    "CalibrationTarget",
+    "calibrate_thresholds",
+    "calibration_target",
+    "compute_thresholds",
+]
 
 T_SAE = TypeVar("T_SAE", bound=SAE[Any])
 
 _NEG_INF = float("-inf")
 
+#: Below this many target tokens a threshold is a noisy extreme quantile of the
+#: calibration set: calibration warns and says how many tokens would do.
+MIN_TARGET_COUNT = 5
 
-def target_densities(sae: SAE[Any], n_tokens: int) -> torch.Tensor:
-    """Feature Choice target firing densities ``c_j / n`` (float64, (d_sae,)).
 
-    ``c_j`` are the expected capacities for a batch of ``n_tokens`` tokens.
-    Water-filling clips ``c_j`` at ``n``, i.e. densities at 1, so the result
-    does not depend on ``n_tokens`` beyond rounding error.
+@dataclass(frozen=True)
+class CalibrationTarget:
+    """What a SAE's thresholds must hit.
+
+    Attributes:
+        k: expected L0 per token.
+        densities: (d_sae,) float64 per-latent target densities (Feature
+            Choice), or ``None`` for one global threshold (Mutual Choice,
+            BatchTopK).
     """
-    cfg = sae.cfg
-    fc = FeatureChoice(cfg.k, cfg.d_sae, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta)
-    return fc.expected_capacities(n_tokens) / n_tokens
+
+    k: float
+    densities: torch.Tensor | None = None
 
 
-def _kind(sae: SAE[Any]) -> str:
-    arch = sae.cfg.architecture()
-    if arch not in ("mutual_choice", "feature_choice"):
-        raise TypeError(
-            "calibrate_thresholds needs a mutual_choice or feature_choice SAE "
-            f"(inference or training), got architecture {arch!r}"
-        )
-    if not isinstance(getattr(sae, "threshold", None), torch.Tensor):
-        raise TypeError(f"{type(sae).__name__} has no threshold tensor to calibrate")
-    return arch
+def calibration_target(sae: SAE[Any]) -> CalibrationTarget:
+    """The target of ``sae``'s thresholds, from its config or saved metadata.
+
+    Raises:
+        TypeError: ``sae`` is none of the SAEs this package can calibrate.
+    """
+    if isinstance(sae, ChoiceTrainingSAE):
+        return sae.calibration_target()
+    if isinstance(sae, ChoiceSAE):
+        cfg = sae.cfg
+        if isinstance(cfg, FeatureChoiceSAEConfig):
+            densities = target_densities(
+                cfg.d_sae, cfg.k, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta
+            )
+            return CalibrationTarget(k=cfg.k, densities=densities)
+        return CalibrationTarget(k=cfg.k)
+    settings = choice_settings(sae)
+    if settings is not None and isinstance(getattr(sae, "threshold", None), torch.Tensor):
+        if settings["architecture"] == "feature_choice":
+            densities = target_densities(
+                sae.cfg.d_sae,
+                settings["k"],
+                settings.get("capacity", "zipf"),
+                settings.get("zipf_alpha", 1.0),
+                settings.get("zipf_beta", 0.0),
+            )
+            return CalibrationTarget(k=settings["k"], densities=densities)
+        return CalibrationTarget(k=settings["k"])
+    raise TypeError(
+        "calibrate_thresholds needs a Mutual Choice, Feature Choice or BatchTopK SAE (a "
+        "training SAE of this package, a saved JumpReLU whose metadata names its training "
+        f"architecture and k, or a 0.1.0 inference SAE); got {type(sae).__name__} "
+        f"(architecture {sae.cfg.architecture()!r})"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -69,21 +118,27 @@ def _is_activations_store(batches: object) -> bool:
     return hasattr(batches, "next_batch") and hasattr(batches, "train_batch_size_tokens")
 
 
-def _as_matrix(batch: Any, d_in: int, index: int) -> torch.Tensor:
-    if not isinstance(batch, torch.Tensor):
+def _as_tensor(batch: Any, d_in: int, index: int) -> torch.Tensor:
+    if not isinstance(batch, torch.Tensor) or batch.ndim == 0:
         raise TypeError(
             f"calibration batch {index} is a {type(batch).__name__}, expected a tensor "
             f"of shape (..., d_in={d_in})"
         )
-    if batch.ndim == 0 or batch.shape[-1] != d_in:
+    return batch
+
+
+def _n_tokens(batch: torch.Tensor, d_in: int, index: int, hook_z: bool) -> int:
+    # hook_z SAEs take (..., n_heads, d_head) and flatten the heads themselves
+    width = batch.shape[-1] * (batch.shape[-2] if hook_z and batch.ndim > 1 else 1)
+    if width != d_in:
         raise ValueError(
             f"calibration batch {index} has shape {tuple(batch.shape)}; expected (..., d_in={d_in})"
         )
-    return batch.reshape(-1, d_in)
+    return batch.numel() // d_in
 
 
 def _token_budget(
-    batches: Any, d_in: int, n_batches: int | None, max_tokens: int | None
+    batches: Any, d_in: int, n_batches: int | None, max_tokens: int | None, hook_z: bool
 ) -> int | None:
     """An upper bound on the calibration tokens known before reading them, or None.
 
@@ -94,9 +149,10 @@ def _token_budget(
         return max_tokens
     if isinstance(batches, (list, tuple)):
         items = batches if n_batches is None else batches[:n_batches]
+        # shapes only: no copies
         return sum(
-            _as_matrix(b, d_in, i).shape[0] for i, b in enumerate(items)
-        )  # shapes only: no copies
+            _n_tokens(_as_tensor(b, d_in, i), d_in, i, hook_z) for i, b in enumerate(items)
+        )
     return None
 
 
@@ -114,7 +170,7 @@ def _merge_top(kept: torch.Tensor, new: torch.Tensor, m: int) -> torch.Tensor:
 
 
 class _GlobalTop:
-    """The ``m`` largest positive values seen, over all entries (Mutual Choice)."""
+    """The ``m`` largest positive values seen, over all entries (one global threshold)."""
 
     def __init__(self, m: int, device: torch.device, dtype: torch.dtype):
         self.m = m
@@ -134,7 +190,7 @@ class _GlobalTop:
 
 
 class _PerLatentTop:
-    """Per latent j, the ``m_j`` largest positive values seen (Feature Choice).
+    """Per latent j, the ``m_j`` largest positive values seen (per-latent thresholds).
 
     Latents are grouped by ``m_j`` (as :func:`plan_feature_choice` groups
     capacities) and each group is a padded (g, m_group) tensor, so the padding
@@ -142,7 +198,6 @@ class _PerLatentTop:
     """
 
     def __init__(self, m: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        self.m = m
         plan = plan_feature_choice(m, int(m.max()))
         self.order = plan.order.to(device) if plan.order is not None else None
         self.groups = plan.groups
@@ -152,120 +207,112 @@ class _PerLatentTop:
         ]
 
     def update(self, hidden_pre: torch.Tensor) -> None:
-        cols = hidden_pre.t()  # (F, N)
+        cols = hidden_pre.reshape(-1, hidden_pre.shape[-1]).t()  # (F, N)
         if self.order is not None:
             cols = cols.index_select(0, self.order)
         cols = torch.where(cols > 0, cols, cols.new_full((), _NEG_INF))
         for i, (start, end, m) in enumerate(self.groups):
             self.values[i] = _merge_top(self.values[i], cols[start:end], m)
 
-    def per_latent(self, d_sae: int) -> list[torch.Tensor]:
-        """Sorted kept values of each latent, in latent order.
-
-        Every m_j >= 1, so the groups cover all latents.
-        """
-        out: list[torch.Tensor | None] = [None] * d_sae
+    def thresholds(self, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(F,) float64 per-latent thresholds for target ``counts``, in latent order."""
+        out = torch.empty(counts.numel(), dtype=torch.float64)
         for (start, end, _), values in zip(self.groups, self.values):
-            for row, pos in enumerate(range(start, end)):
-                j = int(self.order[pos]) if self.order is not None else pos
-                out[j] = values[row]
-        assert all(v is not None for v in out)
-        return out  # type: ignore[return-value]
+            latents = torch.arange(start, end) if self.order is None else self.order[start:end]
+            latents = latents.cpu()
+            out[latents] = _thresholds_from_sorted(values.cpu(), counts[latents], dtype)
+        return out
 
 
-def _threshold_from_sorted(values: torch.Tensor, m: int, dtype: torch.dtype) -> float:
-    """A threshold with exactly ``m`` of ``values`` (sorted, descending) strictly above it.
+def _thresholds_from_sorted(
+    values: torch.Tensor, m: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Thresholds with exactly ``m[i]`` of ``values[i]`` (sorted, descending) strictly above.
 
     The midpoint between the m-th and (m+1)-th values when it falls strictly
     between them in ``dtype`` (the dtype ``hidden_pre`` is compared in); else
     the (m+1)-th value itself, which is exact. Ties at the boundary keep fewer
     than ``m``. With ``m = 0`` the largest value (nothing fires on this set);
     with fewer than m+1 positive values, 0 (every positive value fires).
+
+    Args:
+        values: (G, L) rows sorted descending (non-positive entries ignored).
+        m: (G,) int64 target counts.
     """
-    positive = values[values > 0]
-    if positive.numel() <= m:
-        return 0.0
-    lower = float(positive[m])
-    if m == 0:
-        return lower
-    upper = float(positive[m - 1])
-    mid = torch.tensor((lower + upper) / 2, dtype=torch.float64).to(dtype)
-    if lower <= float(mid) < upper:
-        return float(mid)
-    return lower
+    values = values.to(torch.float64)
+    n_positive = (values > 0).sum(-1)  # (G,)
+    if values.shape[-1] == 0:
+        return torch.zeros(values.shape[0], dtype=torch.float64)
+    last = values.shape[-1] - 1
+    lower = values.gather(-1, m.clamp(max=last)[:, None]).squeeze(-1)
+    upper = values.gather(-1, (m - 1).clamp(min=0, max=last)[:, None]).squeeze(-1)
+    mid = ((lower + upper) / 2).to(dtype).to(torch.float64)
+    between = (lower <= mid) & (mid < upper) & (m > 0)
+    threshold = torch.where(between, mid, lower)
+    return torch.where(n_positive <= m, torch.zeros_like(threshold), threshold)
 
 
 # ---------------------------------------------------------------------------
-# public entry point
+# public entry points
 # ---------------------------------------------------------------------------
+
+
+def _counts(densities: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    # round half up, as batch_budget does; densities <= 1 so counts <= n_tokens
+    return torch.floor(densities * n_tokens + 0.5).to(torch.long).clamp(0, n_tokens)
+
+
+def _warn_if_few(target: CalibrationTarget, n_tokens: int) -> None:
+    if target.densities is None:
+        if batch_budget(target.k, n_tokens) < MIN_TARGET_COUNT:
+            warnings.warn(
+                f"calibration on {n_tokens} token(s) puts the global threshold at the "
+                f"{batch_budget(target.k, n_tokens)}-th largest value: unreliable; use at "
+                f"least {int(MIN_TARGET_COUNT / target.k) + 1} tokens",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
+    counts = _counts(target.densities, n_tokens)
+    few = int((counts < MIN_TARGET_COUNT).sum())
+    if few:
+        needed = int(MIN_TARGET_COUNT / float(target.densities.clamp(min=1e-12).min())) + 1
+        warnings.warn(
+            f"calibration on {n_tokens} token(s): {few} latent threshold(s) rest on fewer "
+            f"than {MIN_TARGET_COUNT} target tokens each and are unreliable (a latent whose "
+            "target count rounds to 0 fires on none of them); calibrate on at least "
+            f"{needed} tokens",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @torch.no_grad()
-def calibrate_thresholds(
-    sae: T_SAE,
+def compute_thresholds(
+    sae: SAE[Any],
     batches: Iterable[torch.Tensor] | torch.Tensor | Any,
     *,
+    target: CalibrationTarget | None = None,
     n_batches: int | None = None,
     max_tokens: int | None = None,
     show_progress: bool = True,
-) -> T_SAE:
-    """Recompute the SAE's inference thresholds exactly from held-out activations.
+) -> torch.Tensor:
+    """Exact thresholds for ``sae`` on ``batches``, as a (d_sae,) float64 tensor.
 
-    Works on Mutual Choice and Feature Choice SAEs, inference
-    (``MutualChoiceSAE``/``FeatureChoiceSAE``: ``threshold`` of shape
-    (d_sae,)) or training (``threshold`` 0-d for Mutual Choice, (d_sae,) for
-    Feature Choice). Thresholds are in ``hidden_pre`` units: after
-    ``process_sae_in`` and, when ``rescale_acts_by_decoder_norm``, after the
-    decoder-norm rescaling, exactly what the encoder compares.
-
-    - Mutual Choice: a global threshold with exactly ``T = round(k * N_total)``
-      calibration pre-activations strictly above it (midway between the T-th
-      and (T+1)-th largest), so the mean L0 over the calibration tokens is k.
-    - Feature Choice: per latent, exactly ``m_j = round(rho_j * N_total)``
-      tokens above it, where ``rho_j = c_j / n`` is the target density:
-      ``c_j`` the expected capacities (``FeatureChoice.expected_capacities(n)``)
-      for ``n`` the size of the first calibration batch (the densities do not
-      depend on n, see :func:`target_densities`).
-
-    Ties at a boundary make the count fall short, never exceed it.
-
-    Memory: one streaming pass that keeps only the top values that can still
-    matter: the ``T + 1`` largest overall (Mutual Choice), or the ``m_j + 1``
-    largest of each latent (Feature Choice, in groups padded to at most twice
-    that). That is O(k * N_total + d_sae) floats plus one batch's hidden_pre,
-    never all activations. The counts come from an upper bound on N_total
-    known up front: ``max_tokens``, the sizes of a list/tuple of tensors, or
-    the first batch's size times ``n_batches`` (or ``len(batches)``); with the
-    last, a later batch larger than the first raises ``ValueError`` (pass
-    ``max_tokens`` instead).
-
-    Args:
-        sae: the SAE; its thresholds are replaced in place.
-        batches: activations at the SAE's hook, in the units the SAE takes as
-            input: a SAELens ``ActivationsStore`` (read with ``next_batch()``;
-            it never ends, so give ``n_batches`` or ``max_tokens``), any
-            iterable of tensors of shape (..., d_in), or one such tensor (one
-            batch).
-        n_batches: read at most this many batches.
-        max_tokens: read at most this many tokens (the last batch is cut).
-        show_progress: show a tqdm progress bar.
-
-    Returns:
-        ``sae``, with calibrated thresholds. For a training SAE its
-        ``threshold_updates`` counters are set to at least 1, so further
-        training blends into the calibrated values instead of replacing them.
-
-    Raises:
-        ValueError: no tokens, wrong activation width, a non-finite
-            ``hidden_pre``, or an endless stream without a bound.
+    Thresholds are in ``hidden_pre`` units: after ``process_sae_in`` and, when
+    ``rescale_acts_by_decoder_norm``, after the decoder-norm rescaling, exactly
+    what the encoder compares. See :func:`calibrate_thresholds` for the rule,
+    the arguments and the memory bound; ``target`` defaults to
+    :func:`calibration_target` of ``sae``. Nothing is written into ``sae``.
     """
-    kind = _kind(sae)
+    target = calibration_target(sae) if target is None else target
     cfg = sae.cfg
-    d_in, d_sae = cfg.d_in, cfg.d_sae
-    if n_batches is not None and not (isinstance(n_batches, int) and n_batches >= 1):
-        raise ValueError(f"n_batches must be a positive integer, got {n_batches!r}")
-    if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
-        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    d_in = cfg.d_in
+    if n_batches is not None:
+        check_number(n_batches, "n_batches", integer=True, ge=1)
+    if max_tokens is not None:
+        check_number(max_tokens, "max_tokens", integer=True, ge=1)
+    hook_z = bool(getattr(sae, "hook_z_reshaping_mode", False))
 
     store = _is_activations_store(batches)
     if store and n_batches is None and max_tokens is None:
@@ -275,7 +322,7 @@ def calibrate_thresholds(
         )
     if isinstance(batches, torch.Tensor):
         batches = [batches]
-    budget = _token_budget(batches, d_in, n_batches, max_tokens)
+    budget = _token_budget(batches, d_in, n_batches, max_tokens, hook_z)
     n_expected: int | None = n_batches
     if n_expected is None and not store and hasattr(batches, "__len__"):
         n_expected = len(batches)  # type: ignore[arg-type]
@@ -291,13 +338,11 @@ def calibrate_thresholds(
     compute_dtype = sae.W_enc.dtype
     keep_dtype = torch.promote_types(compute_dtype, torch.float32)
     tracker: _GlobalTop | _PerLatentTop | None = None
-    densities: torch.Tensor | None = None
-    first_size: int | None = None
     n_tokens = 0
     n_read = 0
     progress = tqdm(
         total=n_expected,
-        desc=f"Calibrating {kind} thresholds",
+        desc=f"Calibrating {cfg.architecture()} thresholds",
         unit="batch",
         disable=not show_progress,
     )
@@ -309,90 +354,128 @@ def calibrate_thresholds(
                 batch = next(iterator)
             except StopIteration:
                 break
-            x = _as_matrix(batch, d_in, n_read)  # (N_b, d_in)
-            if max_tokens is not None:
-                x = x[: max_tokens - n_tokens]
+            x = _as_tensor(batch, d_in, n_read)
+            size = _n_tokens(x, d_in, n_read, hook_z)
+            if max_tokens is not None and n_tokens + size > max_tokens:
+                # keep whole tokens: cut along the flattened leading dimensions
+                token_shape = x.shape[-2:] if hook_z else x.shape[-1:]
+                x = x.reshape(-1, *token_shape)[: max_tokens - n_tokens]
+                size = x.shape[0]
             n_read += 1
-            if x.shape[0] == 0:
+            if size == 0:
                 progress.update(1)
                 continue
-            if first_size is None:
-                first_size = x.shape[0]
+            if tracker is None:
                 if budget is None:
                     assert n_expected is not None
-                    budget = first_size * n_expected
-                if kind == "feature_choice":
-                    densities = target_densities(sae, first_size)
-                tracker = _make_tracker(kind, sae, budget, densities, device, keep_dtype)
+                    budget = size * n_expected
+                tracker = _make_tracker(target, budget, device, keep_dtype)
             assert budget is not None
-            if n_tokens + x.shape[0] > budget:
+            if n_tokens + size > budget:
                 raise ValueError(
                     f"calibration batch {n_read - 1} brings the token count to "
-                    f"{n_tokens + x.shape[0]}, above the {budget} planned from the first "
+                    f"{n_tokens + size}, above the {budget} planned from the first "
                     "batch's size; batches of varying size need max_tokens=<upper bound>"
                 )
-            hidden_pre = choice_hidden_pre(sae, sae.process_sae_in(x.to(device)))  # (N_b, F)
+            hidden_pre = choice_hidden_pre(sae, sae.process_sae_in(x.to(device)))  # (..., F)
             check_finite(hidden_pre, f"hidden_pre of calibration batch {n_read - 1}")
-            assert tracker is not None
             tracker.update(hidden_pre.to(keep_dtype))
-            n_tokens += x.shape[0]
+            n_tokens += size
             progress.update(1)
             progress.set_postfix(tokens=n_tokens)
     finally:
         progress.close()
     if tracker is None or n_tokens == 0:
         raise ValueError("calibrate_thresholds got no calibration tokens")
+    _warn_if_few(target, n_tokens)
 
     if isinstance(tracker, _GlobalTop):
-        m = batch_budget(cfg.k, n_tokens)
-        value = _threshold_from_sorted(tracker.values, m, compute_dtype)
-        new = torch.full((d_sae,), value, dtype=torch.float64)
-    else:
-        assert densities is not None
-        counts = _counts(densities, n_tokens)
-        kept = tracker.per_latent(d_sae)
-        new = torch.tensor(
-            [_threshold_from_sorted(kept[j], int(counts[j]), compute_dtype) for j in range(d_sae)],
-            dtype=torch.float64,
-        )
-    _write_thresholds(sae, new)
-    return sae
-
-
-def _counts(densities: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    # round half up, as batch_budget does; densities <= 1 so counts <= n_tokens
-    return torch.floor(densities * n_tokens + 0.5).to(torch.long).clamp(0, n_tokens)
+        m = torch.tensor([batch_budget(target.k, n_tokens)])
+        value = _thresholds_from_sorted(tracker.values.cpu()[None, :], m, compute_dtype)
+        return value.expand(cfg.d_sae).clone()
+    assert target.densities is not None
+    return tracker.thresholds(_counts(target.densities, n_tokens), compute_dtype)
 
 
 def _make_tracker(
-    kind: str,
-    sae: SAE[Any],
-    budget: int,
-    densities: torch.Tensor | None,
-    device: torch.device,
-    dtype: torch.dtype,
+    target: CalibrationTarget, budget: int, device: torch.device, dtype: torch.dtype
 ) -> _GlobalTop | _PerLatentTop:
     # +1: the threshold sits between the m-th and (m+1)-th values. Counts grow
     # with N, so those for the budget cover any N_total <= budget.
-    if kind == "mutual_choice":
-        return _GlobalTop(batch_budget(sae.cfg.k, budget) + 1, device, dtype)
-    assert densities is not None
-    m = (_counts(densities, budget) + 1).clamp(max=budget)
+    if target.densities is None:
+        return _GlobalTop(batch_budget(target.k, budget) + 1, device, dtype)
+    m = (_counts(target.densities, budget) + 1).clamp(max=budget)
     return _PerLatentTop(m, device, dtype)
 
 
-def _write_thresholds(sae: SAE[Any], new: torch.Tensor) -> None:
+@torch.no_grad()
+def calibrate_thresholds(
+    sae: T_SAE,
+    batches: Iterable[torch.Tensor] | torch.Tensor | Any,
+    *,
+    n_batches: int | None = None,
+    max_tokens: int | None = None,
+    show_progress: bool = True,
+) -> T_SAE:
+    """Recompute the SAE's inference thresholds exactly from (held-out) activations.
+
+    Works on every SAE of this package: a saved one as SAELens loads it
+    (``jumprelu``, its target read from the metadata the training config
+    leaves: training architecture, ``k`` and Feature Choice's capacity
+    settings; a ``batchtopk``-trained JumpReLU works the same way), a training
+    SAE (``threshold`` 0-d for Mutual Choice, (d_sae,) for Feature Choice), or a
+    0.1.0 inference SAE.
+
+    - Global threshold (Mutual Choice, BatchTopK): exactly ``T = round(k *
+      N_total)`` calibration pre-activations strictly above it (midway between
+      the T-th and (T+1)-th largest), so the mean L0 over the calibration
+      tokens is k.
+    - Per-latent thresholds (Feature Choice): exactly ``m_j = round(rho_j *
+      N_total)`` tokens above each, ``rho_j`` the latent's target density.
+
+    Ties at a boundary make the count fall short, never exceed it. Below
+    :data:`MIN_TARGET_COUNT` target tokens per threshold a warning says how
+    many calibration tokens would be enough.
+
+    Memory: one streaming pass that keeps only the top values that can still
+    matter: the ``T + 1`` largest overall, or the ``m_j + 1`` largest of each
+    latent (in groups padded to at most twice that): O(k * N_total + d_sae)
+    floats plus one batch's ``hidden_pre``, never all activations. The counts
+    come from an upper bound on N_total known up front: ``max_tokens``, the
+    sizes of a list/tuple of tensors, or the first batch's size times
+    ``n_batches`` (or ``len(batches)``); with the last, a later batch larger
+    than the first raises ``ValueError`` (pass ``max_tokens`` instead).
+
+    Args:
+        sae: the SAE; its thresholds are replaced in place.
+        batches: activations at the SAE's hook, in the units the SAE takes as
+            input: a SAELens ``ActivationsStore`` (read with ``next_batch()``;
+            it never ends, so give ``n_batches`` or ``max_tokens``), any
+            iterable of tensors of shape (..., d_in), or one such tensor.
+        n_batches: read at most this many batches.
+        max_tokens: read at most this many tokens (the last batch is cut).
+        show_progress: show a tqdm progress bar.
+
+    Returns:
+        ``sae``, with calibrated thresholds. For a training SAE its
+        ``threshold_updates`` counters are set to at least 1, so further
+        training blends into the calibrated values instead of replacing them.
+
+    Raises:
+        ValueError: no tokens, wrong activation width, a non-finite
+            ``hidden_pre``, or an endless stream without a bound.
+        TypeError: a SAE this package cannot calibrate.
+    """
+    new = compute_thresholds(
+        sae, batches, n_batches=n_batches, max_tokens=max_tokens, show_progress=show_progress
+    )
     threshold: torch.Tensor = sae.threshold  # type: ignore[assignment]
     if threshold.ndim == 0:
         # Training Mutual Choice SAE: one global value.
         threshold.copy_(new[0].to(threshold))
     else:
-        if threshold.shape != new.shape:
-            raise ValueError(
-                f"{type(sae).__name__}.threshold has shape {tuple(threshold.shape)}, "
-                f"expected (d_sae,) = {tuple(new.shape)}"
-            )
         threshold.copy_(new.to(threshold))
     updates = getattr(sae, "threshold_updates", None)
     if isinstance(updates, torch.Tensor):
         updates.clamp_(min=1)
+    return sae

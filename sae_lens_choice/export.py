@@ -1,17 +1,21 @@
-"""Export to SAELens's own ``jumprelu`` architecture, loadable without this plugin.
+"""Conversion to SAELens's own ``jumprelu`` architecture.
 
-A Mutual or Feature Choice SAE in threshold mode *is* a JumpReLU SAE
-(``relu(h) * (h > threshold)``) except that its ``hidden_pre`` may be rescaled
-by the decoder row norms (``rescale_acts_by_decoder_norm``), which SAELens's
-``JumpReLUSAE`` does not do. Folding the norms into the encoder first
-(``W_enc * |W_dec|``, ``b_enc * |W_dec|``, ``W_dec / |W_dec|``) leaves
-``hidden_pre``, the thresholds and the reconstruction unchanged, so the export
-encodes and decodes identically (up to float rounding of the fold).
+Training SAEs of this package already save as ``jumprelu``
+(``save_inference_model``). This module converts what 0.1.0 saved
+(``"architecture": "mutual_choice"`` / ``"feature_choice"``) so it loads
+without this package, and gives the JumpReLU of any Choice SAE in memory.
 
-The exported config keeps our full original config in
-``metadata["sae_lens_choice_config"]`` (``k``, capacities, ``inference_mode``,
-...), so nothing is lost and :func:`sae_lens_choice.calibrate_thresholds` or
-batch mode can be recovered from it.
+A Choice SAE in threshold mode *is* a JumpReLU SAE (``relu(h) * (h >
+threshold)``) except that its ``hidden_pre`` may be rescaled by the decoder
+row norms (``rescale_acts_by_decoder_norm``), which SAELens's ``JumpReLUSAE``
+does not do. Folding the norms into the encoder first (``W_enc * |W_dec|``,
+``b_enc * |W_dec|``, ``W_dec / |W_dec|``) leaves ``hidden_pre``, the thresholds
+and the reconstruction unchanged, so the export encodes and decodes
+identically (up to float rounding of the fold). The training settings go into
+``metadata["training_architecture"]`` and
+``metadata["training_architecture_details"]``, as SAELens writes them for every
+trained SAE, so :func:`sae_lens_choice.calibrate_thresholds` and
+:func:`sae_lens_choice.encode_batch` work on the result.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,70 +36,33 @@ from sae_lens.constants import (
     SPARSITY_FILENAME,
 )
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
-from sae_lens.saes.sae import SAE, SAEMetadata, TrainingSAE
+from sae_lens.saes.sae import SAE, SAEMetadata
 
-from sae_lens_choice.inference import FeatureChoiceSAE, MutualChoiceSAE
+from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE
 
-__all__ = [
-    "METADATA_KEY",
-    "export_jumprelu_cli",
-    "export_jumprelu_dir",
-    "to_jumprelu",
-]
-
-#: Metadata key under which the exported JumpReLU keeps our original config.
-METADATA_KEY = "sae_lens_choice_config"
+__all__ = ["export_jumprelu_cli", "export_jumprelu_dir", "to_jumprelu"]
 
 _ARCHITECTURES = ("mutual_choice", "feature_choice")
 
 
-def _as_inference_sae(sae: SAE[Any]) -> MutualChoiceSAE | FeatureChoiceSAE:
-    """The inference SAE itself, or the one a training SAE would save."""
-    if isinstance(sae, (MutualChoiceSAE, FeatureChoiceSAE)):
-        return sae
-    arch = sae.cfg.architecture()
-    if isinstance(sae, TrainingSAE) and arch in _ARCHITECTURES:
-        # Exactly what save_inference_model writes, without the disk round trip.
-        state_dict = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-        sae.process_state_dict_for_saving_inference(state_dict)
-        cfg_dict = sae.cfg.get_inference_sae_cfg_dict()
-        inference = SAE.from_dict(cfg_dict)
-        inference.process_state_dict_for_loading(state_dict)
-        inference.load_state_dict(state_dict)
-        return inference.to(sae.W_enc.device)  # type: ignore[return-value]
-    raise TypeError(
-        "to_jumprelu needs a mutual_choice or feature_choice SAE, got "
-        f"{type(sae).__name__} (architecture {arch!r})"
-    )
+def _from_training_sae(sae: ChoiceTrainingSAE) -> JumpReLUSAE:
+    # Exactly what save_inference_model writes, without the disk round trip.
+    state_dict = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state_dict)
+    jump = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
+    assert isinstance(jump, JumpReLUSAE)
+    jump.load_state_dict(state_dict)
+    return jump.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
 
 
-def _choice_config_dict(sae: MutualChoiceSAE | FeatureChoiceSAE) -> dict[str, Any]:
-    cfg = sae.cfg.to_dict()
-    cfg.pop("metadata", None)
-    return cfg
-
-
-@torch.no_grad()
-def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
-    """SAELens ``JumpReLUSAE`` equal to ``sae`` in threshold mode.
-
-    Works for ``MutualChoiceSAE`` and ``FeatureChoiceSAE`` (and their training
-    SAEs, converted as ``save_inference_model`` would). Copies ``W_enc``,
-    ``b_enc``, ``W_dec``, ``b_dec`` and ``threshold``, folding decoder norms
-    into the encoder first when ``rescale_acts_by_decoder_norm`` (JumpReLU does
-    not rescale; the fold leaves ``hidden_pre`` and the thresholds unchanged).
-    The config keeps ``d_in``, ``d_sae``, ``dtype``, ``device``,
-    ``apply_b_dec_to_input``, ``normalize_activations``,
-    ``reshape_activations`` and the metadata, with our full config added as
-    ``metadata["sae_lens_choice_config"]``. ``sae`` is not modified.
-
-    Batch mode has no JumpReLU equivalent: the export is of threshold mode
-    whatever ``cfg.inference_mode`` says.
-    """
-    src = _as_inference_sae(sae)
+def _from_legacy_sae(src: ChoiceSAE) -> JumpReLUSAE:
     cfg = src.cfg
-    metadata = cfg.metadata.to_dict()
-    metadata[METADATA_KEY] = _choice_config_dict(src)
+    details = {k: v for k, v in cfg.to_dict().items() if k not in ("metadata", "architecture")}
+    metadata = {
+        **cfg.metadata.to_dict(),
+        "training_architecture": cfg.architecture(),
+        "training_architecture_details": details,
+    }
     jump_cfg = JumpReLUSAEConfig(
         d_in=cfg.d_in,
         d_sae=cfg.d_sae,
@@ -118,15 +86,47 @@ def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
         b_enc = (b_enc.to(wide) * norms).to(dtype)
         W_dec = (W_dec.to(wide) / norms[:, None]).to(dtype)
     jump = JumpReLUSAE(jump_cfg)
-    state = {
-        "W_enc": W_enc,
-        "b_enc": b_enc,
-        "W_dec": W_dec,
-        "b_dec": src.b_dec.detach().clone(),
-        "threshold": src.threshold.detach().clone().to(W_enc.dtype),
-    }
-    jump.load_state_dict(state)
+    jump.load_state_dict(
+        {
+            "W_enc": W_enc,
+            "b_enc": b_enc,
+            "W_dec": W_dec,
+            "b_dec": src.b_dec.detach().clone(),
+            "threshold": src.threshold.detach().clone().to(W_enc.dtype),
+        }
+    )
     return jump.to(device=src.W_enc.device, dtype=src.W_enc.dtype)
+
+
+@torch.no_grad()
+def to_jumprelu(sae: SAE[Any]) -> JumpReLUSAE:
+    """SAELens ``JumpReLUSAE`` equal to ``sae`` in threshold mode; ``sae`` is not modified.
+
+    - A training SAE of this package: the JumpReLU ``save_inference_model``
+      would write (thresholds calibrated on its recent training tokens).
+    - A 0.1.0 inference SAE (``MutualChoiceSAE``/``FeatureChoiceSAE``): copies
+      ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and ``threshold``, folding the
+      decoder norms into the encoder first when ``rescale_acts_by_decoder_norm``.
+      Batch mode has no JumpReLU equivalent: the export is of threshold mode
+      whatever ``cfg.inference_mode`` says.
+
+    Raises:
+        TypeError: any other SAE.
+        ValueError: the SAE's weights or thresholds hold NaN or inf.
+    """
+    for name, tensor in sae.state_dict().items():
+        if name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold") and not bool(
+            torch.isfinite(tensor).all()
+        ):
+            raise ValueError(f"cannot export: {name} holds NaN or inf")
+    if isinstance(sae, ChoiceTrainingSAE):
+        return _from_training_sae(sae)
+    if isinstance(sae, ChoiceSAE):
+        return _from_legacy_sae(sae)
+    raise TypeError(
+        "to_jumprelu needs a mutual_choice or feature_choice SAE, got "
+        f"{type(sae).__name__} (architecture {sae.cfg.architecture()!r})"
+    )
 
 
 def _read_architecture(in_dir: Path) -> str:
@@ -141,7 +141,7 @@ def _read_architecture(in_dir: Path) -> str:
         hint = " (it already is a JumpReLU SAE)" if arch == "jumprelu" else ""
         raise ValueError(
             f"{cfg_path} has architecture {arch!r}{hint}; export_jumprelu_dir converts "
-            f"{' or '.join(_ARCHITECTURES)} SAEs"
+            f"{' or '.join(_ARCHITECTURES)} SAEs saved by sae-lens-choice 0.1.0"
         )
     return arch
 
@@ -149,7 +149,8 @@ def _read_architecture(in_dir: Path) -> str:
 @torch.no_grad()
 def _check_same_outputs(ours: SAE[Any], jump: SAE[Any], n_tokens: int = 256) -> None:
     """Compare encode and forward on inputs at the scale of the decoder's outputs."""
-    ours.cfg.inference_mode = "threshold"  # a fresh load: the export is of threshold mode
+    if isinstance(ours, ChoiceSAE):
+        ours.cfg.inference_mode = "threshold"  # the export is of threshold mode
     generator = torch.Generator().manual_seed(0)
     device, dtype = ours.W_enc.device, ours.W_enc.dtype
     # Random sparse codes decoded by the SAE itself: inputs in its own range.
@@ -171,25 +172,27 @@ def export_jumprelu_dir(
     overwrite: bool = False,
     verify: bool = True,
 ) -> Path:
-    """Convert a saved Mutual/Feature Choice SAE folder into a SAELens JumpReLU folder.
+    """Convert a folder saved by 0.1.0 into a SAELens ``jumprelu`` folder.
 
     Reads ``in_dir`` as SAELens writes it (``cfg.json``,
     ``sae_weights.safetensors``, optional ``sparsity.safetensors`` and
     ``runner_cfg.json``) and writes ``out_dir`` in the same format with
-    ``architecture: "jumprelu"``, copying the optional files as they are. The
-    result loads with ``SAE.load_from_disk(out_dir)`` or
-    ``SAE.from_pretrained`` without ``sae_lens_choice`` installed; our original
-    config is kept in ``metadata["sae_lens_choice_config"]``.
+    ``architecture: "jumprelu"``, copying the optional files as they are.
+    ``in_dir`` is never modified.
+
+    Nothing is written unless the export is right: the JumpReLU is compared
+    with the source in memory first, written into a temporary folder beside
+    ``out_dir``, reloaded from there and compared again, and only then moved
+    into place. A failed export leaves ``out_dir`` as it was.
 
     Args:
         in_dir: folder of the source SAE.
-        out_dir: folder to write; created if needed.
+        out_dir: folder to write.
         overwrite: replace an existing SAE in ``out_dir`` (else
             ``FileExistsError``).
-        verify: reload the written folder and check it encodes and decodes
-            like the source on synthetic inputs (``RuntimeError`` if not).
-            Skipped for 16-bit SAEs with ``rescale_acts_by_decoder_norm``,
-            whose decoder-norm fold rounds.
+        verify: compare outputs (``RuntimeError`` if they differ). Skipped
+            for 16-bit SAEs with ``rescale_acts_by_decoder_norm``, whose
+            decoder-norm fold rounds.
 
     Returns:
         ``Path(out_dir)``.
@@ -198,26 +201,39 @@ def export_jumprelu_dir(
     _read_architecture(in_dir)
     if out_dir.resolve() == in_dir.resolve():
         raise ValueError(f"out_dir must differ from in_dir ({in_dir})")
-    if (out_dir / SAE_CFG_FILENAME).exists() and not overwrite:
-        raise FileExistsError(
-            f"{out_dir / SAE_CFG_FILENAME} already exists; pass overwrite=True to replace it"
-        )
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     src = SAE.load_from_disk(in_dir)
     jump = to_jumprelu(src)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jump.save_model(out_dir)
-    for name in (SPARSITY_FILENAME, RUNNER_CFG_FILENAME):
-        if (in_dir / name).is_file():
-            shutil.copyfile(in_dir / name, out_dir / name)
-        elif (out_dir / name).exists() and overwrite:
-            (out_dir / name).unlink()  # stale file of the SAE we replaced
     # With 16-bit weights the decoder-norm fold rounds, so a pre-activation at a
     # threshold may flip: compare only where the export is exact up to float32 noise.
     exact = src.W_enc.dtype in (torch.float32, torch.float64) or not (
-        src.cfg.rescale_acts_by_decoder_norm
+        getattr(src.cfg, "rescale_acts_by_decoder_norm", False)
     )
-    if verify and exact:
-        _check_same_outputs(src, SAE.load_from_disk(out_dir))
+    verify = verify and exact
+    if verify:
+        _check_same_outputs(src, jump)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        jump.save_model(staging)
+        for name in (SPARSITY_FILENAME, RUNNER_CFG_FILENAME):
+            if (in_dir / name).is_file():
+                shutil.copyfile(in_dir / name, staging / name)
+        if verify:
+            _check_same_outputs(src, SAE.load_from_disk(staging))
+        if out_dir.exists():
+            # replace: move the old folder aside first, so it survives a failed move
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            old.rmdir()
+            out_dir.rename(old)
+            staging.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -230,9 +246,10 @@ def export_jumprelu_cli(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="sae-lens-choice export-jumprelu",
         description=(
-            "Convert a saved mutual_choice / feature_choice SAE folder into SAELens's "
-            "jumprelu format (identical outputs in threshold mode; loads without "
-            "sae_lens_choice)."
+            "Convert a mutual_choice / feature_choice SAE folder saved by sae-lens-choice "
+            "0.1.0 into SAELens's jumprelu format (identical outputs in threshold mode; "
+            "loads without sae_lens_choice). SAEs trained with 0.2 are saved as jumprelu "
+            "already."
         ),
     )
     parser.add_argument("in_dir", type=Path, help="folder with cfg.json + sae_weights.safetensors")
@@ -242,7 +259,7 @@ def export_jumprelu_cli(args: list[str]) -> int:
         "--no-verify",
         dest="verify",
         action="store_false",
-        help="skip reloading the export and comparing its outputs with the source",
+        help="skip comparing the export's outputs with the source",
     )
     opts = parser.parse_args(args)
     try:

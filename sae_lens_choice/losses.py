@@ -1,12 +1,16 @@
 """Auxiliary reconstruction losses: aux_k (dead latents) and aux_zipf (dead + under-used).
 
 Pure torch; nothing here imports SAELens. Both losses follow SAELens's TopK
-``calculate_topk_aux_loss`` (Gao et al. 2024, appendix B.1): the top
-``k_aux = d_in // 2`` candidate latents of each token, by pre-activation,
-reconstruct the detached residual ``x - x_hat`` through ``W_dec`` without bias,
-and the loss is scaled by ``min(n_candidates / k_aux, 1)``. Unlike SAELens's
-version, the candidate count stays a tensor, so the loss reads nothing back
-from the device.
+``calculate_topk_aux_loss`` (Gao et al. 2024, appendix B.1): each token's top
+``k_aux = d_in // 2`` candidate latents, by pre-activation, reconstruct the
+detached residual ``x - x_hat`` through ``W_dec`` without bias, and the loss is
+scaled by ``min(n_candidates / k_aux, 1)``. The training SAEs decode the
+candidates (densely, or sparsely from the returned indices) and reshape the
+reconstruction with SAELens's own ``act_times_W_dec`` and ``reshape_fn_out``.
+
+Unlike SAELens's version, nothing here reads the candidate count back from the
+device: the top-k has a fixed width ``min(k_aux, F)`` and slots that did not
+land on a candidate carry the value 0, which reconstructs nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,12 @@ import torch
 
 from sae_lens_choice.zipf import ZipfFit, underused_mask
 
-__all__ = ["aux_candidate_mask", "aux_reconstruction_loss", "default_k_aux"]
+__all__ = [
+    "aux_candidate_mask",
+    "aux_reconstruction_loss",
+    "aux_topk",
+    "default_k_aux",
+]
 
 
 def default_k_aux(d_in: int) -> int:
@@ -42,59 +51,63 @@ def aux_candidate_mask(
     return dead_neuron_mask.to(torch.bool) | under
 
 
-def aux_reconstruction_loss(
-    sae_in: torch.Tensor,
-    sae_out: torch.Tensor,
-    hidden_pre: torch.Tensor,
-    candidate_mask: torch.Tensor | None,
-    W_dec: torch.Tensor,
-    *,
-    rescale_acts_by_decoder_norm: bool = False,
-    k_aux: int | None = None,
-    coefficient: float = 1.0,
-) -> torch.Tensor:
-    """Candidates reconstruct the residual the kept latents left behind.
+def aux_topk(
+    hidden_pre: torch.Tensor, candidate_mask: torch.Tensor, k_aux: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's ``k_aux`` largest pre-activations among the candidate latents.
+
+    The values are raw pre-activations (not relu'd), as SAELens's
+    ``calculate_topk_aux_acts`` takes them. A fixed-width top-k over
+    candidates-or-``-inf``: slots that had to fall on a non-candidate (fewer
+    than ``k_aux`` candidates) get the value 0, so this equals a
+    top-``min(k_aux, n_candidates)`` over the candidates without reading
+    ``n_candidates`` back.
 
     Args:
-        sae_in: (..., d_in) SAE input (after any reshaping the SAE does).
-        sae_out: (..., d_in) reconstruction; the residual is detached.
-        hidden_pre: (..., F) pre-activations (raw, not relu'd, as SAELens uses).
-        candidate_mask: (F,) bool, the latents allowed in the loss; ``None``
-            or all-False gives 0.
-        W_dec: (F, d_in) decoder.
-        rescale_acts_by_decoder_norm: divide acts by decoder row norms first,
-            as SAELens's TopK decode does.
-        k_aux: latents per token (default ``d_in // 2``).
-        coefficient: multiplies the loss.
+        hidden_pre: (..., F) pre-activations.
+        candidate_mask: (F,) bool.
+        k_aux: slots per token.
 
     Returns:
-        0-d tensor. Equal, value and gradients, to SAELens's
-        ``TopKTrainingSAE.calculate_topk_aux_loss`` with the candidate mask as
-        its ``dead_neuron_mask``.
+        ``(values, indices)``, each (..., min(k_aux, F)); differentiable in
+        ``hidden_pre`` through ``values``.
     """
-    if candidate_mask is None:
-        return sae_out.new_zeros(())
     d_sae = hidden_pre.shape[-1]
     if candidate_mask.shape != (d_sae,):
         raise ValueError(
             f"candidate_mask must have shape ({d_sae},), got {tuple(candidate_mask.shape)}"
         )
-    k_aux = default_k_aux(sae_in.shape[-1]) if k_aux is None else k_aux
     mask = candidate_mask.to(torch.bool)
-    n_candidates = mask.sum()
-    # min(n_candidates / k_aux, 1): fewer candidates, smaller loss.
-    scale = (n_candidates.to(torch.float32) / k_aux).clamp(max=1.0)
-
-    residual = (sae_in - sae_out).detach()
-    # A fixed-size top-k over candidates-or--inf; entries that came from -inf
-    # are non-candidates picked only because fewer than k_aux candidates exist,
-    # and are zeroed. This equals a top-min(k_aux, n_candidates) over candidates.
     masked = torch.where(mask, hidden_pre, hidden_pre.new_tensor(float("-inf")))
     values, indices = masked.topk(min(k_aux, d_sae), dim=-1, sorted=False)
     values = torch.where(torch.isfinite(values), values, values.new_zeros(()))
-    aux_acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values)
-    if rescale_acts_by_decoder_norm:
-        aux_acts = aux_acts * (1 / W_dec.norm(dim=-1))
-    recons = aux_acts @ W_dec
-    loss = (recons - residual).pow(2).sum(dim=-1).mean()
+    return values, indices
+
+
+def aux_reconstruction_loss(
+    recons: torch.Tensor,
+    residual: torch.Tensor,
+    candidate_mask: torch.Tensor,
+    k_aux: int,
+    coefficient: float = 1.0,
+) -> torch.Tensor:
+    """``coefficient * min(n_candidates / k_aux, 1) * mean_token ||recons - residual||^2``.
+
+    Args:
+        recons: (..., d) the candidates' reconstruction (no bias).
+        residual: (..., d) what the kept latents left unexplained (detached here).
+        candidate_mask: (F,) bool; its count sets the scale (fewer candidates,
+            smaller loss), as in SAELens's TopK aux loss.
+        k_aux: the ``k_aux`` the candidates were chosen with.
+        coefficient: multiplies the loss.
+
+    Returns:
+        0-d tensor. With ``recons`` built from :func:`aux_topk` and reshaped as
+        the SAE's output, equal in value and gradients to SAELens's
+        ``TopKTrainingSAE.calculate_topk_aux_loss`` with the candidate mask as
+        its ``dead_neuron_mask``.
+    """
+    n_candidates = candidate_mask.to(torch.bool).sum()
+    scale = (n_candidates.to(torch.float32) / k_aux).clamp(max=1.0)
+    loss = (recons - residual.detach()).pow(2).sum(dim=-1).mean()
     return coefficient * scale.to(loss.dtype) * loss

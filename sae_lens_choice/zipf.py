@@ -15,9 +15,13 @@ from typing import NamedTuple
 
 import torch
 
+from sae_lens_choice.validation import check_number
+
 __all__ = [
+    "DEFAULT_RANK_WINDOW",
     "ZipfFit",
     "density_ranks",
+    "fit_rank_window",
     "fit_zipf",
     "underused_mask",
     "zipf_mandelbrot_pmf",
@@ -63,14 +67,37 @@ class ZipfFit(NamedTuple):
         return {name: float(value) for name, value in self._asdict().items()}
 
 
+#: The middle window of ranks a density curve is fitted on, as fractions of
+#: d_sae: the densest 1% (a head that saturates) and the rarest 10% (a tail
+#: that falls off any power law, the under-used latents) are left out.
+DEFAULT_RANK_WINDOW: tuple[float, float] = (0.01, 0.9)
+
+
+def fit_rank_window(
+    d_sae: int, fractions: tuple[float, float] = DEFAULT_RANK_WINDOW
+) -> tuple[int, int]:
+    """1-based inclusive ranks ``(lo, hi)`` of the fit window for ``d_sae`` latents.
+
+    ``lo`` is the first rank after the densest ``fractions[0] * d_sae``
+    latents, ``hi`` the last rank within the first ``fractions[1] * d_sae``
+    (at least ``lo``). The one definition used by training (``aux_zipf``),
+    evaluation, the demo and the benchmarks.
+    """
+    check_number(d_sae, "d_sae", integer=True, gt=0)
+    lo_frac, hi_frac = fractions
+    if not 0.0 <= lo_frac < hi_frac <= 1.0:
+        raise ValueError(
+            f"rank window fractions must satisfy 0 <= lo < hi <= 1, got {tuple(fractions)!r}"
+        )
+    lo = int(lo_frac * d_sae) + 1
+    return lo, max(lo, int(hi_frac * d_sae))
+
+
 def zipf_mandelbrot_pmf(n_ranks: int, alpha: float, beta: float = 0.0) -> torch.Tensor:
     """Normalised Zipf–Mandelbrot probabilities over ranks 1..n_ranks (float64)."""
-    if n_ranks <= 0:
-        raise ValueError(f"n_ranks must be positive, got {n_ranks}")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    if beta <= -1:
-        raise ValueError(f"beta must be > -1 (so that rank + beta > 0), got {beta}")
+    check_number(n_ranks, "n_ranks", integer=True, gt=0)
+    check_number(alpha, "alpha", gt=0)
+    check_number(beta, "beta", gt=-1, hint="so that rank + beta > 0")
     weights = (torch.arange(1, n_ranks + 1, dtype=torch.float64) + beta).pow(-alpha)
     return weights / weights.sum()
 
@@ -136,9 +163,9 @@ def fit_zipf(
         raise ValueError(f"rank_window must satisfy 1 <= lo <= hi, got ({lo}, {hi})")
     if grid_size < 4:
         raise ValueError(f"grid_size must be >= 4, got {grid_size}")
-    if max_beta is not None and not (math.isfinite(max_beta) and max_beta > 0):
+    if max_beta is not None:
         # log10 of the grid's end would be -inf or NaN and every beta would fit as NaN.
-        raise ValueError(f"max_beta must be a finite number > 0, got {max_beta}")
+        check_number(max_beta, "max_beta", gt=0)
 
     sorted_d = torch.sort(d, descending=True).values  # (F,)
     ranks = torch.arange(1, n + 1, dtype=torch.float64, device=d.device)  # (F,)
@@ -193,8 +220,7 @@ def underused_mask(densities: torch.Tensor, fit: ZipfFit, gamma: float) -> torch
         fit: a :class:`ZipfFit` of those densities.
         gamma: ratio in [0, 1].
     """
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma (zipf_underuse_ratio) must be in [0, 1], got {gamma}")
+    check_number(gamma, "gamma (zipf_underuse_ratio)", ge=0, le=1)
     rho = densities.to(torch.float64)
     if gamma == 0.0:
         return torch.zeros_like(rho, dtype=torch.bool)

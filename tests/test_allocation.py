@@ -826,36 +826,36 @@ def test_feature_choice_gradient_through_transposed_view(use_plan: bool) -> None
 
 @pytest.mark.parametrize("k", [0, -1, float("nan"), float("inf")])
 def test_bad_k_below_range_raises(k: float) -> None:
-    with pytest.raises(ValueError, match=r"k must be > 0"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         mutual_choice(HAND, k)
-    with pytest.raises(ValueError, match=r"k must be > 0"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         uniform_capacities(4, 4, k)
-    with pytest.raises(ValueError, match=r"k must be > 0"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         zipf_capacities(4, 4, k)
 
 
 def test_bad_k_above_d_sae_raises() -> None:
-    with pytest.raises(ValueError, match=r"k=5 is larger than the number of latents d_sae=4"):
+    with pytest.raises(ValueError, match=r"k = 5 is larger than the number of latents d_sae = 4"):
         token_choice(HAND, 5)
-    with pytest.raises(ValueError, match=r"k=4.5 is larger than the number of latents"):
+    with pytest.raises(ValueError, match=r"k = 4.5 is larger than the number of latents"):
         mutual_choice(HAND, 4.5)
-    with pytest.raises(ValueError, match=r"k=5 is larger than the number of latents"):
+    with pytest.raises(ValueError, match=r"k = 5 is larger than the number of latents"):
         uniform_capacities(8, 4, 5)
-    with pytest.raises(ValueError, match=r"k=5 is larger than the number of latents"):
+    with pytest.raises(ValueError, match=r"k = 5 is larger than the number of latents"):
         zipf_capacities(8, 4, 5)
 
 
 def test_token_choice_rejects_zero_and_fractional_k() -> None:
-    with pytest.raises(ValueError, match=r"k must be > 0"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         token_choice(HAND, 0)
     with pytest.raises(ValueError, match=r"k must be an integer for token choice"):
         token_choice(HAND, 1.5)  # type: ignore[arg-type]
 
 
 def test_non_number_k_raises() -> None:
-    with pytest.raises(ValueError, match=r"k must be a number"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         mutual_choice(HAND, True)
-    with pytest.raises(ValueError, match=r"k must be a number"):
+    with pytest.raises(ValueError, match=r"k must be a finite number > 0"):
         mutual_choice(HAND, "2")  # type: ignore[arg-type]
 
 
@@ -929,19 +929,19 @@ def test_bad_candidates_per_token_raises() -> None:
 
 @pytest.mark.parametrize("alpha", [0.0, -1.0, float("nan"), float("inf")])
 def test_bad_zipf_alpha_raises(alpha: float) -> None:
-    with pytest.raises(ValueError, match=r"zipf alpha must be > 0"):
+    with pytest.raises(ValueError, match=r"zipf_alpha must be a finite number > 0"):
         zipf_capacities(8, 4, 1, alpha=alpha)
 
 
 @pytest.mark.parametrize("beta", [-1.0, -5.0, float("nan"), float("inf")])
 def test_bad_zipf_beta_raises(beta: float) -> None:
-    with pytest.raises(ValueError, match=r"zipf beta must be > -1"):
+    with pytest.raises(ValueError, match=r"zipf_beta must be a finite number > -1"):
         zipf_capacities(8, 4, 1, beta=beta)
 
 
 @pytest.mark.parametrize(
     ("n_tokens", "d_sae", "match"),
-    [(0, 4, r"n_tokens must be a positive integer"), (4, 0, r"d_sae must be a positive integer")],
+    [(0, 4, r"n_tokens must be an integer > 0"), (4, 0, r"d_sae must be an integer > 0")],
 )
 def test_bad_capacity_sizes_raise(n_tokens: int, d_sae: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -12,14 +12,13 @@ import copy
 import dataclasses
 import importlib
 import json
-import os
 import time
 from typing import Any
 
 import pytest
 import torch
 from sae_lens import registry
-from sae_lens.saes.sae import TrainingSAEConfig, TrainStepInput, TrainStepOutput
+from sae_lens.saes.sae import TrainingSAEConfig, TrainStepInput
 from sae_lens.saes.topk_sae import (
     TopKSAE,
     TopKSAEConfig,
@@ -34,58 +33,23 @@ from sae_lens_choice import (
     MutualChoiceTrainingSAE,
     MutualChoiceTrainingSAEConfig,
 )
-from sae_lens_choice.allocation import batch_budget
-
-os.environ.setdefault("WANDB_MODE", "disabled")
+from sae_lens_choice.allocation import batch_budget, round_capacities, rounding_offset
+from tests.helpers import ARCHS, TRAINING_CLASSES, make_training_sae, step_input, train_step
 
 D_IN = 8
 D_SAE = 32
-ARCHS = ("mutual_choice", "feature_choice")
-CONFIGS: dict[str, type[Any]] = {
-    "mutual_choice": MutualChoiceTrainingSAEConfig,
-    "feature_choice": FeatureChoiceTrainingSAEConfig,
-}
-SAES: dict[str, type[Any]] = {
-    "mutual_choice": MutualChoiceTrainingSAE,
-    "feature_choice": FeatureChoiceTrainingSAE,
-}
-
-
-# ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
 
 
 def make_sae(arch: str, seed: int = 0, **overrides: Any) -> Any:
-    kwargs: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": 4}
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return SAES[arch](CONFIGS[arch](**kwargs))
+    return make_training_sae(arch, seed=seed, **{"d_in": D_IN, "d_sae": D_SAE, "k": 4, **overrides})
 
 
 def inputs(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, D_IN, generator=torch.Generator().manual_seed(seed))
 
 
-def step(
-    sae: Any,
-    sae_in: torch.Tensor,
-    *,
-    n_training_steps: int = 1,
-    is_logging_step: bool = True,
-    dead_neuron_mask: torch.Tensor | None = None,
-) -> TrainStepOutput:
-    if dead_neuron_mask is None:
-        dead_neuron_mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    return sae.training_forward_pass(
-        TrainStepInput(
-            sae_in=sae_in,
-            coefficients={},
-            dead_neuron_mask=dead_neuron_mask,
-            n_training_steps=n_training_steps,
-            is_logging_step=is_logging_step,
-        )
-    )
+def step(sae: Any, sae_in: torch.Tensor, *, n_training_steps: int = 1, **kwargs: Any) -> Any:
+    return train_step(sae, sae_in, n_training_steps=n_training_steps, **kwargs)
 
 
 def make_all_positive(sae: Any) -> None:
@@ -97,6 +61,11 @@ def make_all_positive(sae: Any) -> None:
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1])
+
+
+def step_capacities(sae: FeatureChoiceTrainingSAE, n_tokens: int, step: int) -> torch.Tensor:
+    """The integer capacities Feature Choice's training step ``step`` uses."""
+    return round_capacities(sae.expected_capacities(n_tokens), offset=rounding_offset(step))
 
 
 # ---------------------------------------------------------------------------
@@ -150,9 +119,7 @@ def test_feature_choice_step_gives_each_latent_exactly_its_capacity(
 
     assert out.feature_acts.shape == (*shape, D_SAE)
     acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
-    capacities = sae.activation_fn.last_capacities
-    assert capacities is not None
-    assert capacities.dtype == torch.long
+    capacities = step_capacities(sae, acts.shape[0], step=0)  # the SAE's first step
     # every latent j fires on exactly m_j tokens; sum m_j = round(k * N)
     torch.testing.assert_close((acts > 0).sum(0), capacities, rtol=0, atol=0)
     assert int(capacities.sum()) == batch_budget(3.5, acts.shape[0])
@@ -170,17 +137,32 @@ def test_feature_choice_step_gives_each_latent_exactly_its_capacity(
 
 def test_feature_choice_capacities_are_rounded_afresh_each_batch() -> None:
     # k * N / F = 4 * 10 / 32 = 1.25 tokens per latent (uniform): each batch
-    # rounds to 1 or 2 per latent with the total fixed at 40.
+    # rounds to 1 or 2 per latent with the total fixed at 40, with the offset
+    # the rounding offset of the SAE's own step counter.
     sae = make_sae("feature_choice", k=4, capacity="uniform")
     make_all_positive(sae)
     seen = []
-    for seed in range(4):
-        step(sae, inputs(10, seed=seed))
-        caps = sae.activation_fn.last_capacities
+    for i in range(4):
+        out = step(sae, inputs(10, seed=i), n_training_steps=i)
+        caps = (as_matrix(out.feature_acts) > 0).sum(0)
+        torch.testing.assert_close(caps, step_capacities(sae, 10, step=i), rtol=0, atol=0)
         assert int(caps.sum()) == 40
         assert set(caps.tolist()) <= {1, 2}
         seen.append(caps.clone())
+    assert int(sae.training_steps) == 4
     assert any(not torch.equal(seen[0], c) for c in seen[1:])
+
+
+def test_feature_choice_rounding_is_unbiased_over_steps() -> None:
+    # The Weyl offsets frac(t * golden ratio) are equidistributed, so each
+    # latent's mean capacity over many steps approaches its expected one.
+    sae = make_sae("feature_choice", k=3, capacity="zipf", d_sae=64)
+    expected = sae.expected_capacities(20)  # float, many below 1
+    caps = torch.stack(
+        [round_capacities(expected, offset=rounding_offset(t)) for t in range(2000)]
+    ).to(torch.float64)
+    assert int(caps.sum(-1).min()) == int(caps.sum(-1).max()) == 60  # k * N every step
+    torch.testing.assert_close(caps.mean(0), expected, rtol=0, atol=0.01)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -345,7 +327,7 @@ def test_compiled_feature_choice_step_holds_budget_with_zipf_capacities() -> Non
             is_logging_step=False,
         )
     )
-    caps = sae.activation_fn.last_capacities
+    caps = step_capacities(sae, 48, step=0)
     torch.testing.assert_close((out.feature_acts > 0).sum(0), caps, rtol=0, atol=0)
     assert int(caps.sum()) == batch_budget(3.5, 48)
 
@@ -373,9 +355,27 @@ _SHARED_BAD: list[tuple[str, dict[str, Any]]] = [
     ("density_ema_decay", {"density_ema_decay": 1.0}),
     ("threshold_ema_rate", {"threshold_ema_rate": 0.0}),
     ("check_finite_every", {"check_finite_every": -1}),
-    ("aux_loss", {"aux_loss": "aux_zipf", "normalize_activations": "layer_norm"}),
-    ("aux_loss", {"aux_loss": "aux_k", "normalize_activations": "layer_norm"}),
-    ("use_sparse_activations", {"use_sparse_activations": True}),
+    # fields that once failed late, or loaded as something else (issue 11)
+    ("rescale_acts_by_decoder_norm", {"rescale_acts_by_decoder_norm": "false"}),
+    ("apply_b_dec_to_input", {"apply_b_dec_to_input": "true"}),
+    ("use_sparse_activations", {"use_sparse_activations": 1}),
+    ("aux_loss_coefficient", {"aux_loss_coefficient": float("inf")}),
+    ("d_sae", {"d_sae": 0}),
+    ("d_sae", {"d_sae": 32.0}),
+    ("d_in", {"d_in": 0}),
+    ("d_in", {"d_in": -3}),
+    ("k", {"k": "4"}),
+    ("k", {"k": True}),
+    ("dtype", {"dtype": "float33"}),
+    ("device", {"device": "gpu:0"}),
+    ("normalize_activations", {"normalize_activations": "bogus"}),
+    ("reshape_activations", {"reshape_activations": "hook_q"}),
+    ("decoder_init_norm", {"decoder_init_norm": -0.1}),
+    ("decoder_init_norm", {"decoder_init_norm": float("inf")}),
+    ("density_ema_decay", {"density_ema_decay": float("nan")}),
+    ("zipf_refit_every", {"zipf_refit_every": "2"}),
+    ("check_finite_every", {"check_finite_every": 1.5}),
+    ("threshold_calibration_tokens", {"threshold_calibration_tokens": -1}),
 ]
 _BAD_CASES = [
     pytest.param(arch, field, bad, id=f"{arch}-{field}-{i}")
@@ -386,6 +386,9 @@ _BAD_CASES = [
     pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": 0.0}, id="fc-alpha-0"),
     pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": -1.0}, id="fc-alpha-neg"),
     pytest.param("feature_choice", "zipf_beta", {"zipf_beta": -1.0}, id="fc-beta"),
+    pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": float("inf")}, id="fc-alpha-inf"),
+    pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": "1"}, id="fc-alpha-str"),
+    pytest.param("feature_choice", "zipf_beta", {"zipf_beta": float("nan")}, id="fc-beta-nan"),
     pytest.param(
         "mutual_choice", "allocation_method", {"allocation_method": "bogus"}, id="mc-method"
     ),
@@ -398,15 +401,31 @@ def test_invalid_training_config_names_the_field(
 ) -> None:
     kwargs: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, **bad}
     with pytest.raises(ValueError, match=field) as info:
-        CONFIGS[arch](**kwargs)
+        TRAINING_CLASSES[arch][1](**kwargs)
     assert arch in str(info.value)
 
 
-def test_layer_norm_is_fine_without_aux_loss() -> None:
-    cfg = MutualChoiceTrainingSAEConfig(
-        d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="none", normalize_activations="layer_norm"
+@pytest.mark.parametrize("arch", ARCHS)
+def test_valid_config_accepts_every_documented_value(arch: str) -> None:
+    # the other side of the table above: each checked field at a valid value
+    cfg = TRAINING_CLASSES[arch][1](
+        d_in=D_IN,
+        d_sae=D_SAE,
+        k=2,
+        dtype="bfloat16",
+        device="cpu",
+        rescale_acts_by_decoder_norm=False,
+        apply_b_dec_to_input=False,
+        use_sparse_activations=True,
+        normalize_activations="layer_norm",
+        reshape_activations="hook_z",
+        decoder_init_norm=None,
+        aux_loss="aux_k",
+        aux_loss_coefficient=0.0,
+        threshold_calibration_tokens=0,
+        check_finite_every=0,
     )
-    assert cfg.normalize_activations == "layer_norm"
+    assert cfg.normalize_activations == "layer_norm" and cfg.aux_loss == "aux_k"
 
 
 def _full_config(arch: str) -> Any:
@@ -452,14 +471,18 @@ def test_training_config_round_trips_through_json(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_inference_config_dict_carries_training_fields(arch: str) -> None:
+def test_inference_config_is_jumprelu_with_training_fields_in_metadata(arch: str) -> None:
     cfg = _full_config(arch)
-    inference = cfg.get_inference_sae_cfg_dict()
-    assert inference["architecture"] == arch
-    assert inference["k"] == 2.5
-    assert inference["inference_mode"] == "threshold"
+    inference = json.loads(json.dumps(cfg.get_inference_sae_cfg_dict()))
+    assert inference["architecture"] == "jumprelu"  # loads with plain SAELens
+    assert "k" not in inference  # JumpReLU's config has no such field
+    metadata = inference["metadata"]
+    assert metadata["training_architecture"] == arch
+    details = metadata["training_architecture_details"]
+    assert details["k"] == 2.5
+    assert details["aux_loss"] == "aux_zipf"
     if arch == "feature_choice":
-        assert (inference["capacity"], inference["zipf_alpha"], inference["zipf_beta"]) == (
+        assert (details["capacity"], details["zipf_alpha"], details["zipf_beta"]) == (
             "uniform",
             1.3,
             2.0,
@@ -485,45 +508,186 @@ def test_architectures_are_registered_with_sae_lens() -> None:
 
 
 def test_registration_is_idempotent_across_imports_and_reload() -> None:
-    from sae_lens_choice import registration
-
     importlib.import_module("sae_lens_choice")
     importlib.import_module("sae_lens_choice")
-    reloaded = importlib.reload(registration)
-    reloaded.register()
-    reloaded.register()
-    sae_lens_choice.registration.register()
+    sae_lens_choice.register()
+    sae_lens_choice.register()
     assert registry.get_sae_training_class("mutual_choice")[0] is MutualChoiceTrainingSAE
     assert registry.get_sae_class("feature_choice")[0] is sae_lens_choice.FeatureChoiceSAE
 
 
-def test_conflicting_training_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae_lens_choice import registration
+def test_registration_goes_through_sae_lens_public_functions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With our names removed, register() must call SAELens's own functions.
+    calls: list[str] = []
+    for kind, table in (
+        ("training", registry.SAE_TRAINING_CLASS_REGISTRY),
+        ("inference", registry.SAE_CLASS_REGISTRY),
+    ):
+        for arch in ARCHS:
+            monkeypatch.delitem(table, arch)
+    real_training, real_inference = registry.register_sae_training_class, registry.register_sae_class
 
-    # monkeypatch restores the registry entry after the test
+    def spy_training(arch: str, *classes: Any) -> None:
+        calls.append(f"training:{arch}")
+        real_training(arch, *classes)
+
+    def spy_inference(arch: str, *classes: Any) -> None:
+        calls.append(f"inference:{arch}")
+        real_inference(arch, *classes)
+
+    monkeypatch.setattr(sae_lens_choice, "register_sae_training_class", spy_training)
+    monkeypatch.setattr(sae_lens_choice, "register_sae_class", spy_inference)
+    sae_lens_choice.register()
+    assert sorted(calls) == sorted(f"{kind}:{a}" for kind in ("training", "inference") for a in ARCHS)
+    assert registry.get_sae_training_class("feature_choice")[0] is FeatureChoiceTrainingSAE
+
+
+def test_conflicting_registration_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another plugin owns "feature_choice" (training); our other three names are
+    # free. Registration must fail naming the clash and leave them free.
+    for table in (registry.SAE_TRAINING_CLASS_REGISTRY, registry.SAE_CLASS_REGISTRY):
+        for arch in ARCHS:
+            monkeypatch.delitem(table, arch)
     monkeypatch.setitem(
         registry.SAE_TRAINING_CLASS_REGISTRY,
-        "mutual_choice",
+        "feature_choice",
         (TopKTrainingSAE, TopKTrainingSAEConfig),
     )
-    with pytest.raises(ValueError, match="mutual_choice") as info:
-        registration.register()
+    with pytest.raises(ValueError, match="feature_choice") as info:
+        sae_lens_choice.register()
     message = str(info.value)
-    assert "TopKTrainingSAE" in message
-    assert "already registered" in message
+    assert "TopKTrainingSAE" in message and "nothing of sae_lens_choice was registered" in message
+    assert "mutual_choice" not in registry.SAE_TRAINING_CLASS_REGISTRY
+    assert "mutual_choice" not in registry.SAE_CLASS_REGISTRY
+    assert "feature_choice" not in registry.SAE_CLASS_REGISTRY
 
 
 def test_conflicting_inference_registration_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sae_lens_choice import registration
-
     monkeypatch.setitem(registry.SAE_CLASS_REGISTRY, "feature_choice", (TopKSAE, TopKSAEConfig))
     with pytest.raises(ValueError, match="feature_choice") as info:
-        registration.register()
+        sae_lens_choice.register()
     assert "TopKSAE" in str(info.value)
 
 
 def test_registry_is_restored_after_conflict_tests() -> None:
-    # runs after the two tests above in file order; register() must work again
-    sae_lens_choice.registration.register()
+    # runs after the tests above in file order; register() must work again
+    sae_lens_choice.register()
     assert registry.get_sae_training_class("mutual_choice")[0] is MutualChoiceTrainingSAE
     assert registry.get_sae_class("feature_choice")[0] is sae_lens_choice.FeatureChoiceSAE
+
+
+# ---------------------------------------------------------------------------
+# non-finite steps (issue 11, item 2)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_nan_batch_is_recorded_on_device_and_stops_training_on_schedule(arch: str) -> None:
+    sae = make_sae(arch, check_finite_every=5)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    bad = 3
+    for i in range(5):
+        x = inputs(32, seed=i)
+        if i == bad:
+            x[7, 2] = float("nan")  # one NaN in one batch, between scheduled checks
+        out = step(sae, x, n_training_steps=i, is_logging_step=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # the first non-finite step is kept (later steps are NaN too)
+    assert int(sae.nonfinite_step) == bad
+    assert not torch.isfinite(sae.W_enc).all()
+    # the next scheduled check (step 5) stops training, naming the step
+    with pytest.raises(RuntimeError, match=rf"NaN or inf at training step {bad}"):
+        step(sae, inputs(32, seed=9), n_training_steps=5, is_logging_step=False)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_finite_training_never_sets_the_flag(arch: str) -> None:
+    sae = make_sae(arch, check_finite_every=1)
+    for i in range(3):
+        step(sae, inputs(32, seed=i), n_training_steps=i).loss.backward()
+    assert int(sae.nonfinite_step) == -1
+    sae.raise_if_nonfinite()  # no error
+
+
+# ---------------------------------------------------------------------------
+# the step counter survives SAELens's off-by-one on resume (issue 11, item 3)
+# ---------------------------------------------------------------------------
+
+
+def test_own_step_counter_follows_the_checkpointed_steps_not_sae_lens_counter() -> None:
+    sae = make_sae("mutual_choice", aux_loss="aux_zipf", zipf_refit_every=4)
+    for i in range(6):
+        step(sae, inputs(16, seed=i), n_training_steps=i, is_logging_step=False)
+    assert int(sae.training_steps) == 6
+    resumed = make_sae("mutual_choice", aux_loss="aux_zipf", zipf_refit_every=4)
+    resumed.load_state_dict(sae.state_dict())
+    # SAELens restores n_training_steps one short (5, not 6): our step is still 6
+    assert resumed._step(5) == 6
+    assert resumed._step(6) == 7
+
+
+# ---------------------------------------------------------------------------
+# aux losses with reshaping and normalisation (issue 11 item 6, issue 13 option a)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hook_z_reshaping_with_aux_k_reshapes_the_reconstruction_back(arch: str) -> None:
+    # hook_z SAEs take (..., n_heads, d_head); with forward-pass reshaping on,
+    # the aux reconstruction is reshaped back with reshape_fn_out, as SAELens's
+    # TopK does (this used to fail with a size mismatch).
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import act_times_W_dec, calculate_topk_aux_acts
+
+    metadata = SAEMetadata(hook_name="blocks.0.attn.hook_z")
+    sae = make_sae(arch, aux_loss="aux_k", reshape_activations="hook_z", metadata=metadata)
+    sae.turn_on_forward_pass_hook_z_reshaping()
+    x = inputs(24, seed=3).reshape(24, 2, D_IN // 2)  # (N, n_heads, d_head)
+    n_dead = 11
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:n_dead] = True
+    ours = step(sae, x, dead_neuron_mask=dead, is_logging_step=False)
+    assert ours.sae_out.shape == x.shape
+    # SAELens's own helpers, with k_aux = d_in // 2 (SAELens's TopK takes
+    # sae_in.shape[-1] // 2, which under hook_z is d_head // 2: we keep Gao et
+    # al.'s d_in // 2 for every input layout)
+    k_aux = D_IN // 2
+    with torch.no_grad():
+        aux_acts = calculate_topk_aux_acts(k_aux, ours.hidden_pre, dead)
+        recons = sae.reshape_fn_out(act_times_W_dec(aux_acts, sae.W_dec, True), sae.d_head)
+        residual = x - ours.sae_out
+        expected = (recons - residual).pow(2).sum(-1).mean() * min(n_dead / k_aux, 1.0)
+    torch.testing.assert_close(ours.losses["auxiliary_reconstruction_loss"], expected)
+    ours.loss.backward()
+    assert torch.isfinite(sae.W_dec.grad).all()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_norm_aux_loss_works_in_the_normalised_space(arch: str) -> None:
+    sae = make_sae(arch, aux_loss="aux_k", normalize_activations="layer_norm")
+    x = 50 * inputs(40, seed=4) + 3  # far from unit scale
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:10] = True
+    out = step(sae, x, dead_neuron_mask=dead, is_logging_step=False)
+    aux = out.losses["auxiliary_reconstruction_loss"]
+    # brute force: residual and reconstruction both in the layer-normed space
+    with torch.no_grad():
+        mu = x.mean(-1, keepdim=True)
+        centred = x - mu
+        normed = centred / (centred.std(-1, keepdim=True) + 1e-5)
+        acts = out.feature_acts
+        recon_pre = (acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec
+        residual = normed - recon_pre
+        hidden_pre = out.hidden_pre.detach()
+        masked = torch.where(dead, hidden_pre, torch.tensor(float("-inf")))
+        top = masked.topk(D_IN // 2, dim=-1)
+        aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
+        recons = (aux_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec
+        expected = (recons - residual).pow(2).sum(-1).mean() * min(10 / (D_IN // 2), 1.0)
+    torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-6)
+    # the residual's scale is the normalised one, not the raw (50x) one
+    assert float(aux) < 10 * D_IN

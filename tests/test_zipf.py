@@ -10,6 +10,7 @@ import torch
 from sae_lens_choice.zipf import (
     ZipfFit,
     density_ranks,
+    fit_rank_window,
     fit_zipf,
     underused_mask,
     zipf_mandelbrot_pmf,
@@ -227,7 +228,7 @@ def test_underused_mask_flags_dead_latents_for_any_positive_gamma() -> None:
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
 def test_underused_mask_rejects_gamma_outside_unit_interval(gamma: float) -> None:
     d = _zipf_densities(1.0, 10.0, n=100)
-    with pytest.raises(ValueError, match=r"gamma \(zipf_underuse_ratio\) must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"gamma \(zipf_underuse_ratio\) must be a finite number >= 0 and <= 1"):
         underused_mask(d, fit_zipf(d), gamma)
 
 
@@ -256,10 +257,10 @@ def test_fit_rejects_small_grid() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"n_ranks": 0, "alpha": 1.0}, r"n_ranks must be positive"),
-        ({"n_ranks": 4, "alpha": 0.0}, r"alpha must be > 0"),
-        ({"n_ranks": 4, "alpha": -2.0}, r"alpha must be > 0"),
-        ({"n_ranks": 4, "alpha": 1.0, "beta": -1.0}, r"beta must be > -1"),
+        ({"n_ranks": 0, "alpha": 1.0}, r"n_ranks must be an integer > 0"),
+        ({"n_ranks": 4, "alpha": 0.0}, r"alpha must be a finite number > 0"),
+        ({"n_ranks": 4, "alpha": -2.0}, r"alpha must be a finite number > 0"),
+        ({"n_ranks": 4, "alpha": 1.0, "beta": -1.0}, r"beta must be a finite number > -1"),
     ],
 )
 def test_pmf_rejects_bad_parameters(kwargs: dict, match: str) -> None:
@@ -298,3 +299,19 @@ def test_steep_exponential_curve_still_flags_underused_latents() -> None:
     mask = underused_mask(d, fit, 0.5)
     assert bool(mask[-20:].all())
     assert int(mask[:460].sum()) == 0  # the fitted part of the curve sits on the fit
+
+
+def test_fit_rank_window_hand_worked() -> None:
+    # d_sae = 1000, (0.01, 0.9): skip the densest int(10) = 10 ranks -> lo = 11;
+    # hi = int(900) = 900.
+    assert fit_rank_window(1000) == (11, 900)
+    # d_sae = 50: int(0.5) + 1 = 1; int(45) = 45.
+    assert fit_rank_window(50) == (1, 45)
+    # a window narrower than one rank still holds lo.
+    assert fit_rank_window(3, (0.5, 0.6)) == (2, 2)
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)])
+def test_fit_rank_window_rejects_bad_fractions(fractions: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match=r"rank window fractions must satisfy 0 <= lo < hi <= 1"):
+        fit_rank_window(100, fractions)

@@ -1,0 +1,178 @@
+"""Mutual Choice SAEs: the batch keeps its round(k * N) largest pre-activations.
+
+The selected set equals SAELens's ``batchtopk`` (Bussmann et al. 2024 is
+concurrent work with the paper), so this module has the shape of SAELens's
+``batchtopk_sae.py``: the activation, the training config, the training SAE
+with a global threshold tracked during training, and export as SAELens's own
+``jumprelu`` architecture. What this package adds is ``aux_zipf`` (the
+default auxiliary loss), exact thresholds on saving, diagnostics, and a
+faster exact selection on CPU. The 0.1.0 inference architecture
+(``"architecture": "mutual_choice"``) stays loadable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from sae_lens_choice.allocation import (
+    ChoicePairs,
+    MutualChoiceMethod,
+    mutual_choice_pairs,
+    pairs_to_dense,
+)
+from sae_lens_choice.choice_base import (
+    ChoiceSAE,
+    ChoiceSAEConfig,
+    ChoiceTrainingSAE,
+    ChoiceTrainingSAEConfig,
+)
+from sae_lens_choice.validation import check_choice
+
+METHODS: tuple[str, ...] = ("auto", "candidates", "flat")
+
+__all__ = [
+    "MutualChoice",
+    "MutualChoiceSAE",
+    "MutualChoiceSAEConfig",
+    "MutualChoiceTrainingSAE",
+    "MutualChoiceTrainingSAEConfig",
+]
+
+
+class MutualChoice(nn.Module):
+    """Keep the round(k * N) largest pre-activations of the batch."""
+
+    def __init__(self, k: float, method: MutualChoiceMethod = "auto", validate: bool = True):
+        super().__init__()
+        self.k = k
+        self.method: MutualChoiceMethod = method
+        self.validate = validate
+
+    def pairs(self, hidden_pre: torch.Tensor) -> ChoicePairs:
+        """The kept (token, latent) pairs (no autograd)."""
+        return mutual_choice_pairs(hidden_pre, self.k, method=self.method, validate=self.validate)
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return pairs_to_dense(self.pairs(hidden_pre), hidden_pre)
+
+
+@dataclass
+class MutualChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
+    """Configuration for training a Mutual Choice SAE (``architecture="mutual_choice"``).
+
+    The batch keeps its round(k * N) largest pre-activations, wherever they
+    fall (the same set as SAELens's ``batchtopk``). Defaults to ``aux_zipf``.
+    Saved for inference as SAELens's ``jumprelu`` with one global threshold.
+
+    Args:
+        allocation_method (str): ``"auto"``, ``"candidates"`` or ``"flat"``;
+            see :func:`sae_lens_choice.allocation.mutual_choice`.
+    """
+
+    allocation_method: MutualChoiceMethod = "auto"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "mutual_choice"
+
+    @override
+    def validate_choice_fields(self) -> None:
+        super().validate_choice_fields()
+        check_choice(
+            self.allocation_method, "allocation_method", METHODS, owner="mutual_choice config"
+        )
+
+
+class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
+    """Mutual Choice training SAE: the batch's round(k * N) largest pre-activations.
+
+    Tracks one global threshold (an EMA of the smallest kept value, for
+    logging); saved as SAELens's ``jumprelu`` with the exact global threshold
+    of the most recent training tokens (see ``ChoiceTrainingSAE``).
+    """
+
+    cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
+    activation_fn: MutualChoice
+    global_threshold: ClassVar[bool] = True
+
+    def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        # finiteness is tracked by the training step, not checked per batch
+        return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
+
+    @override
+    def select(self, hidden_pre: torch.Tensor) -> ChoicePairs:
+        return self.activation_fn.pairs(hidden_pre)
+
+    @override
+    def _update_thresholds(self, pairs: ChoicePairs) -> None:
+        self._ema(self.threshold, pairs.smallest_value())
+
+    @override
+    def _threshold_metrics(self) -> dict[str, torch.Tensor]:
+        return {"threshold": self.threshold}
+
+    @override
+    def calibration_target(self) -> Any:
+        from sae_lens_choice.calibration import CalibrationTarget
+
+        return CalibrationTarget(k=self.cfg.k)
+
+
+# ---------------------------------------------------------------------------
+# the 0.1.0 inference architecture
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class MutualChoiceSAEConfig(ChoiceSAEConfig):
+    """0.1.0 inference config (``"architecture": "mutual_choice"``), kept for loading.
+
+    Args:
+        allocation_method (str): batch-mode method, see
+            :func:`sae_lens_choice.allocation.mutual_choice`.
+    """
+
+    allocation_method: MutualChoiceMethod = "auto"
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return "mutual_choice"
+
+    @override
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice(
+            self.allocation_method, "allocation_method", METHODS, owner="mutual_choice config"
+        )
+
+
+class MutualChoiceSAE(ChoiceSAE):
+    """0.1.0 Mutual Choice inference SAE: one global threshold (T-th largest value).
+
+    Threshold mode is a JumpReLU whose ``threshold`` (d_sae,) holds the same
+    value for every latent; batch mode keeps the round(k * N) largest
+    pre-activations of the batch. New SAEs are saved as SAELens's
+    ``jumprelu``; this class loads folders saved by 0.1.0.
+    """
+
+    cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: MutualChoiceSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def batch_activation(self) -> MutualChoice:
+        return MutualChoice(self.cfg.k, self.cfg.allocation_method)

@@ -1,0 +1,178 @@
+"""Factories every test file uses (SAELens's ``tests/helpers.py`` is the model).
+
+Real classes only: SAEs are built from their real configs, data comes from a
+fixed random dictionary (sparse codes plus noise) or SAELens's synthetic
+model, language models are tiny real ``HookedTransformer``s.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
+
+from sae_lens_choice import (
+    FeatureChoiceSAE,
+    FeatureChoiceSAEConfig,
+    FeatureChoiceTrainingSAE,
+    FeatureChoiceTrainingSAEConfig,
+    MutualChoiceSAE,
+    MutualChoiceSAEConfig,
+    MutualChoiceTrainingSAE,
+    MutualChoiceTrainingSAEConfig,
+)
+
+ARCHS = ("mutual_choice", "feature_choice")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TRAINING_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
+    "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig),
+    "feature_choice": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig),
+}
+LEGACY_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
+    "mutual_choice": (MutualChoiceSAE, MutualChoiceSAEConfig),
+    "feature_choice": (FeatureChoiceSAE, FeatureChoiceSAEConfig),
+}
+
+
+def sparse_activations(
+    n_tokens: int,
+    seed: int,
+    d_in: int = 16,
+    *,
+    n_atoms: int = 128,
+    density: float = 0.05,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """(n_tokens, d_in) sparse non-negative codes over a fixed dictionary plus noise.
+
+    The dictionary depends on ``d_in`` and ``n_atoms`` only, so different seeds
+    are held-out samples of one distribution.
+    """
+    dictionary = torch.randn(n_atoms, d_in, generator=torch.Generator().manual_seed(1234))
+    dictionary = dictionary / dictionary.norm(dim=-1, keepdim=True)
+    g = torch.Generator().manual_seed(seed)
+    active = torch.rand(n_tokens, n_atoms, generator=g) < density
+    magnitude = torch.empty(n_tokens, n_atoms).exponential_(1.0, generator=g)
+    noise = 0.05 * torch.randn(n_tokens, d_in, generator=g)
+    return scale * ((active * magnitude) @ dictionary + noise)
+
+
+@torch.no_grad()
+def randomize_weights(sae: SAE[Any], seed: int, *, b_enc: float = 0.0) -> SAE[Any]:
+    """Random weights with decoder rows of varying norm (so rescaling matters)."""
+    d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
+    g = torch.Generator().manual_seed(seed)
+    dtype = sae.W_enc.dtype
+    sae.W_enc.copy_((torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in)).to(dtype))
+    sae.b_enc.copy_((b_enc + 0.1 * torch.randn(d_sae, generator=g)).to(dtype))  # type: ignore[union-attr]
+    row_norms = 0.5 + torch.rand(d_sae, 1, generator=g)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    sae.W_dec.copy_((W_dec / W_dec.norm(dim=-1, keepdim=True) * row_norms).to(dtype))
+    sae.b_dec.copy_((0.01 * torch.randn(d_in, generator=g)).to(dtype))
+    return sae
+
+
+def make_training_sae(
+    arch: str, *, d_in: int = 8, d_sae: int = 32, k: float = 4, seed: int = 0, **overrides: Any
+) -> Any:
+    """A training SAE of ``arch`` with SAELens's own initialisation under ``seed``."""
+    sae_class, cfg_class = TRAINING_CLASSES[arch]
+    torch.manual_seed(seed)
+    return sae_class(cfg_class(d_in=d_in, d_sae=d_sae, k=k, **overrides))
+
+
+def make_legacy_sae(
+    arch: str,
+    *,
+    d_in: int = 16,
+    d_sae: int = 64,
+    k: float = 4,
+    seed: int = 0,
+    b_enc: float = 0.0,
+    threshold: float = 0.3,
+    metadata: SAEMetadata | None = None,
+    **overrides: Any,
+) -> Any:
+    """A 0.1.0 inference SAE (``mutual_choice``/``feature_choice`` architecture), random."""
+    sae_class, cfg_class = LEGACY_CLASSES[arch]
+    cfg = cfg_class(
+        d_in=d_in,
+        d_sae=d_sae,
+        k=k,
+        metadata=metadata or SAEMetadata(hook_name=None, context_size=16, prepend_bos=False),
+        **overrides,
+    )
+    sae = randomize_weights(sae_class(cfg), seed, b_enc=b_enc)
+    with torch.no_grad():
+        sae.threshold.fill_(threshold)
+    return sae
+
+
+def step_input(
+    sae: Any,
+    sae_in: torch.Tensor,
+    *,
+    n_training_steps: int = 0,
+    is_logging_step: bool = True,
+    dead_neuron_mask: torch.Tensor | None = None,
+) -> TrainStepInput:
+    """What SAELens's trainer passes to ``training_forward_pass``."""
+    if dead_neuron_mask is None:
+        dead_neuron_mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae_in.device)
+    return TrainStepInput(
+        sae_in=sae_in,
+        coefficients={},
+        dead_neuron_mask=dead_neuron_mask,
+        n_training_steps=n_training_steps,
+        is_logging_step=is_logging_step,
+    )
+
+
+def train_step(sae: Any, sae_in: torch.Tensor, **kwargs: Any) -> TrainStepOutput:
+    """One ``training_forward_pass`` (no backward)."""
+    return sae.training_forward_pass(step_input(sae, sae_in, **kwargs))
+
+
+def train(
+    sae: Any, batches: list[torch.Tensor], *, lr: float = 1e-3, first_step: int = 0
+) -> Any:
+    """A few real optimiser steps: forward, backward, Adam, as SAELens's trainer does."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+    for i, batch in enumerate(batches):
+        out = train_step(sae, batch, n_training_steps=first_step + i, is_logging_step=False)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return sae
+
+
+def l0(acts: torch.Tensor) -> torch.Tensor:
+    """Active latents per token, float64."""
+    return (acts.reshape(-1, acts.shape[-1]) != 0).sum(-1).to(torch.float64)
+
+
+def tiny_model(
+    *, d_model: int = 16, n_layers: int = 1, n_ctx: int = 16, d_vocab: int = 64, hooked_sae: bool = False
+) -> Any:
+    """A tiny real HookedTransformer (random weights, no tokenizer, no download).
+
+    ``hooked_sae`` gives a ``HookedSAETransformer`` (for ``run_with_saes``).
+    """
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=d_model, n_ctx=n_ctx, d_head=4, n_heads=d_model // 4,
+        d_mlp=2 * d_model, d_vocab=d_vocab, act_fn="relu", seed=0, device="cpu",
+    )  # fmt: skip
+    model_class = HookedSAETransformer if hooked_sae else HookedTransformer
+    return model_class(cfg).eval()
+
+
+def token_rows(n_rows: int, seed: int, *, n_ctx: int = 16, d_vocab: int = 64) -> torch.Tensor:
+    """(n_rows, n_ctx) random token ids."""
+    return torch.randint(0, d_vocab, (n_rows, n_ctx), generator=torch.Generator().manual_seed(seed))
