@@ -411,7 +411,9 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
             act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
             + self.b_dec
         )
-        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head)
+        sae_out = self.reshape_fn_out(
+            self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head
+        )
 
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {"mse_loss": mse_loss}

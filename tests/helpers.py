@@ -137,9 +137,7 @@ def train_step(sae: Any, sae_in: torch.Tensor, **kwargs: Any) -> TrainStepOutput
     return sae.training_forward_pass(step_input(sae, sae_in, **kwargs))
 
 
-def train(
-    sae: Any, batches: list[torch.Tensor], *, lr: float = 1e-3, first_step: int = 0
-) -> Any:
+def train(sae: Any, batches: list[torch.Tensor], *, lr: float = 1e-3, first_step: int = 0) -> Any:
     """A few real optimiser steps: forward, backward, Adam, as SAELens's trainer does."""
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
     for i, batch in enumerate(batches):
@@ -156,7 +154,12 @@ def l0(acts: torch.Tensor) -> torch.Tensor:
 
 
 def tiny_model(
-    *, d_model: int = 16, n_layers: int = 1, n_ctx: int = 16, d_vocab: int = 64, hooked_sae: bool = False
+    *,
+    d_model: int = 16,
+    n_layers: int = 1,
+    n_ctx: int = 16,
+    d_vocab: int = 64,
+    hooked_sae: bool = False,
 ) -> Any:
     """A tiny real HookedTransformer (random weights, no tokenizer, no download).
 
@@ -176,3 +179,64 @@ def tiny_model(
 def token_rows(n_rows: int, seed: int, *, n_ctx: int = 16, d_vocab: int = 64) -> torch.Tensor:
     """(n_rows, n_ctx) random token ids."""
     return torch.randint(0, d_vocab, (n_rows, n_ctx), generator=torch.Generator().manual_seed(seed))
+
+
+def make_trained_sae(
+    arch: str,
+    *,
+    n_steps: int = 30,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    d_in: int = 16,
+    d_sae: int = 64,
+    k: float = 4,
+    **overrides: Any,
+) -> Any:
+    """A training SAE of ``arch`` after ``n_steps`` real Adam steps on :func:`sparse_activations`.
+
+    Batch ``i`` is ``sparse_activations(batch_size, seed=i, d_in=d_in)``, so the
+    most recent training tokens (what the saved thresholds are calibrated on)
+    can be rebuilt by a test.
+    """
+    sae = make_training_sae(arch, d_in=d_in, d_sae=d_sae, k=k, **overrides)
+    batches = [sparse_activations(batch_size, seed=i, d_in=d_in) for i in range(n_steps)]
+    return train(sae, batches, lr=lr)
+
+
+def save_legacy_folder(
+    path: Path, arch: str, *, calibrate_on: torch.Tensor | None = None, **kwargs: Any
+) -> Any:
+    """Write a folder as sae-lens-choice 0.1.0 saved it and return the SAE written.
+
+    ``architecture`` is ``"mutual_choice"`` / ``"feature_choice"`` in ``cfg.json``;
+    the SAE is :func:`make_legacy_sae` (``kwargs``), its thresholds calibrated
+    exactly on ``calibrate_on`` when given, saved with SAELens's ``save_model``.
+    """
+    from sae_lens_choice import calibrate_thresholds
+
+    sae = make_legacy_sae(arch, **kwargs)
+    if calibrate_on is not None:
+        calibrate_thresholds(sae, calibrate_on, show_progress=False)
+    sae.save_model(path)
+    return sae
+
+
+def run_python(code: str, *args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+    """Run ``code`` in a fresh interpreter (``python -c code args...``); fail on a non-zero exit.
+
+    ``env`` defaults to this process's environment without ``PYTHONPATH``, and
+    ``cwd`` should be a temporary folder, so the child imports only what it
+    asks for (a test that this package is not needed can then assert
+    ``"sae_lens_choice" not in sys.modules`` in the child).
+    """
+    import os
+    import subprocess
+    import sys
+
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -189,7 +189,7 @@ def test_a_sae_that_went_nan_is_never_saved(arch: str, tmp_path: Path) -> None:
     train(sae, batches)
     for save in (sae.save_inference_model, sae.save_model):
         target = tmp_path / save.__name__
-        with pytest.raises(RuntimeError, match="refusing to save.*training step 2"):
+        with pytest.raises(RuntimeError, match=r"refusing to save.*training step 2"):
             save(target)
         assert not target.exists()
 
@@ -198,7 +198,7 @@ def test_a_nan_weight_without_a_nan_loss_is_refused_too(tmp_path: Path) -> None:
     sae = trained("mutual_choice", n_steps=2)
     with torch.no_grad():
         sae.W_dec[3, 4] = float("inf")
-    with pytest.raises(RuntimeError, match="refusing to save.*W_dec holds 1 NaN/inf"):
+    with pytest.raises(RuntimeError, match=r"refusing to save.*W_dec holds 1 NaN/inf"):
         sae.save_inference_model(tmp_path / "sae")
 
 

@@ -34,7 +34,7 @@ from sae_lens_choice import (
     MutualChoiceTrainingSAEConfig,
 )
 from sae_lens_choice.allocation import batch_budget, round_capacities, rounding_offset
-from tests.helpers import ARCHS, TRAINING_CLASSES, make_training_sae, step_input, train_step
+from tests.helpers import ARCHS, TRAINING_CLASSES, make_training_sae, train_step
 
 D_IN = 8
 D_SAE = 32
@@ -521,13 +521,13 @@ def test_registration_goes_through_sae_lens_public_functions(
 ) -> None:
     # With our names removed, register() must call SAELens's own functions.
     calls: list[str] = []
-    for kind, table in (
-        ("training", registry.SAE_TRAINING_CLASS_REGISTRY),
-        ("inference", registry.SAE_CLASS_REGISTRY),
-    ):
+    for table in (registry.SAE_TRAINING_CLASS_REGISTRY, registry.SAE_CLASS_REGISTRY):
         for arch in ARCHS:
             monkeypatch.delitem(table, arch)
-    real_training, real_inference = registry.register_sae_training_class, registry.register_sae_class
+    real_training, real_inference = (
+        registry.register_sae_training_class,
+        registry.register_sae_class,
+    )
 
     def spy_training(arch: str, *classes: Any) -> None:
         calls.append(f"training:{arch}")
@@ -540,7 +540,9 @@ def test_registration_goes_through_sae_lens_public_functions(
     monkeypatch.setattr(sae_lens_choice, "register_sae_training_class", spy_training)
     monkeypatch.setattr(sae_lens_choice, "register_sae_class", spy_inference)
     sae_lens_choice.register()
-    assert sorted(calls) == sorted(f"{kind}:{a}" for kind in ("training", "inference") for a in ARCHS)
+    assert sorted(calls) == sorted(
+        f"{kind}:{a}" for kind in ("training", "inference") for a in ARCHS
+    )
     assert registry.get_sae_training_class("feature_choice")[0] is FeatureChoiceTrainingSAE
 
 
