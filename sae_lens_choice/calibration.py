@@ -99,6 +99,10 @@ def calibration_target(sae: SAE[Any]) -> CalibrationTarget:
                 settings.get("zipf_alpha", 1.0),
                 settings.get("zipf_beta", 0.0),
             )
+            ranking = sae.cfg.metadata.get("capacity_ranking")
+            if ranking is not None:  # capacity_order="density_rank": saved with the SAE
+                order = torch.as_tensor(ranking, dtype=torch.long)
+                densities = torch.empty_like(densities).scatter_(0, order, densities)
             return CalibrationTarget(k=settings["k"], densities=densities)
         return CalibrationTarget(k=settings["k"])
     raise TypeError(
@@ -150,9 +154,7 @@ def _token_budget(
     if isinstance(batches, (list, tuple)):
         items = batches if n_batches is None else batches[:n_batches]
         # shapes only: no copies
-        return sum(
-            _n_tokens(_as_tensor(b, d_in, i), d_in, i, hook_z) for i, b in enumerate(items)
-        )
+        return sum(_n_tokens(_as_tensor(b, d_in, i), d_in, i, hook_z) for i, b in enumerate(items))
     return None
 
 

@@ -57,6 +57,8 @@ from sae_lens_choice.zipf import (
 
 AuxLoss = Literal["none", "aux_k", "aux_zipf"]
 AUX_LOSSES: tuple[str, ...] = ("none", "aux_k", "aux_zipf")
+AllocationScore = Literal["hidden_pre", "hidden_pre_over_input_norm"]
+ALLOCATION_SCORES: tuple[str, ...] = ("hidden_pre", "hidden_pre_over_input_norm")
 InferenceMode = Literal["threshold", "batch"]
 INFERENCE_MODES: tuple[str, ...] = ("threshold", "batch")
 NORMALIZATIONS: tuple[str, ...] = (
@@ -147,6 +149,14 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     Args:
         k (float): Expected L0 per token. The batch keeps T = round(k * N)
             (token, latent) pairs; a token's own L0 varies around k.
+        allocation_score (str): what the allocation ranks (token, latent) pairs
+            by. ``"hidden_pre"`` (the paper's rule: the pre-activation).
+            ``"hidden_pre_over_input_norm"`` (beyond the paper): the
+            pre-activation divided by the token's ``||x - b_dec||``, so a
+            token's norm does not decide how many latents it gets; the kept
+            values are still the pre-activations. Saved SAEs encode with a plain
+            JumpReLU on the pre-activation whichever score trained them, with
+            thresholds calibrated to the same L0 and densities.
         aux_loss (str): ``"none"``, ``"aux_k"`` (dead latents reconstruct the
             residual, as SAELens's TopK) or ``"aux_zipf"`` (dead plus
             under-used latents by the fitted Zipf curve). With a per-token
@@ -178,6 +188,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     """
 
     k: float = 32  # type: ignore[assignment]
+    allocation_score: AllocationScore = "hidden_pre"
     aux_loss: AuxLoss = "aux_zipf"
     aux_loss_coefficient: float = 1.0
     zipf_underuse_ratio: float = 0.5
@@ -199,6 +210,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         check_bool(self.use_sparse_activations, "use_sparse_activations", owner=owner)
         if self.decoder_init_norm is not None:
             check_number(self.decoder_init_norm, "decoder_init_norm", owner=owner, gt=0)
+        check_choice(self.allocation_score, "allocation_score", ALLOCATION_SCORES, owner=owner)
         check_choice(self.aux_loss, "aux_loss", AUX_LOSSES, owner=owner)
         check_number(self.aux_loss_coefficient, "aux_loss_coefficient", owner=owner, ge=0)
         check_number(self.zipf_underuse_ratio, "zipf_underuse_ratio", owner=owner, ge=0, le=1)
@@ -373,16 +385,32 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         """Pre-activations exactly as SAELens's TopK computes them."""
         return choice_hidden_pre(self, sae_in)
 
-    def select(self, hidden_pre: torch.Tensor) -> ChoicePairs:
-        """The (token, latent) pairs this batch keeps (no autograd)."""
+    def select(self, scores: torch.Tensor) -> ChoicePairs:
+        """The (token, latent) pairs the allocation keeps for these scores (no autograd)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def choose(self, sae_in: torch.Tensor, hidden_pre: torch.Tensor) -> ChoicePairs:
+        """The pairs this batch keeps, ranked by ``cfg.allocation_score``.
+
+        Returns the pairs with their ``hidden_pre`` values (0 for padding).
+        """
+        if self.cfg.allocation_score == "hidden_pre":
+            return self.select(hidden_pre)
+        d_sae = hidden_pre.shape[-1]
+        flat = hidden_pre.detach().reshape(-1, d_sae)  # (N, F)
+        # ||x - b_dec|| of each token in the SAE's input space (after any normalisation)
+        norms = sae_in.detach().reshape(flat.shape[0], -1).norm(dim=-1, keepdim=True)  # (N, 1)
+        pairs = self.select(flat / norms.clamp(min=1e-6))
+        values = flat[pairs.token_idx, pairs.latent_idx]  # (P,)
+        return pairs._replace(values=torch.where(pairs.kept(), values, values.new_zeros(())))
 
     @override
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-mode encoding: the training allocation over the tokens of ``x``."""
         sae_in = self.process_sae_in(x)
         hidden_pre = self.compute_hidden_pre(sae_in)
-        feature_acts = pairs_to_dense(self.select(hidden_pre), hidden_pre)
+        feature_acts = pairs_to_dense(self.choose(sae_in, hidden_pre), hidden_pre)
         return self.hook_sae_acts_post(feature_acts), hidden_pre
 
     # -- the training step ---------------------------------------------------------
@@ -402,7 +430,7 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
 
         sae_in = self.process_sae_in(step_input.sae_in)  # (N, d_in), normalised, minus b_dec
         hidden_pre = self.compute_hidden_pre(sae_in)  # (N, F)
-        pairs = self.select(hidden_pre)
+        pairs = self.choose(sae_in, hidden_pre)
         feature_acts = self.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))  # (N, F)
         # decode() in steps, to keep the reconstruction in the normalised space
         # for the aux loss: sae_out_pre is what the SAE predicts for the

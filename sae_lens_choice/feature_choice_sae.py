@@ -42,6 +42,8 @@ from sae_lens_choice.validation import check_choice
 
 Capacity = Literal["zipf", "uniform"]
 CAPACITIES: tuple[str, ...] = ("zipf", "uniform")
+CapacityOrder = Literal["index", "density_rank"]
+CAPACITY_ORDERS: tuple[str, ...] = ("index", "density_rank")
 
 __all__ = [
     "FeatureChoice",
@@ -128,7 +130,10 @@ class FeatureChoice(nn.Module):
         return self._cache[key]
 
     def pairs(
-        self, hidden_pre: torch.Tensor, offset: float | torch.Tensor | None = None
+        self,
+        hidden_pre: torch.Tensor,
+        offset: float | torch.Tensor | None = None,
+        ranking: torch.Tensor | None = None,
     ) -> ChoicePairs:
         """The kept (token, latent) pairs (no autograd).
 
@@ -137,10 +142,19 @@ class FeatureChoice(nn.Module):
             offset: the capacity-rounding offset in [0, 1) (a 0-d tensor on the
                 device in training, see ``allocation.rounding_offset``); drawn
                 from ``generator`` (or torch's global RNG) when ``None``.
+            ranking: (F,) int64 latents from the densest down: the i-th of
+                them gets the i-th largest capacity (``capacity_order=
+                "density_rank"``). ``None``: latent j gets capacity j.
         """
         n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
         c, plan = self.capacities_and_plan(n_tokens, hidden_pre.device)
         capacities = round_capacities(c, generator=self.generator, offset=offset)
+        if ranking is not None:
+            # c is non-increasing over its index (Zipf, uniform), so its plan has
+            # no order of its own: the ranking becomes the plan's latent order
+            assert plan.order is None
+            plan = FeatureChoicePlan(plan.d_sae, plan.n_tokens, plan.groups, ranking)
+            capacities = torch.empty_like(capacities).scatter_(0, ranking, capacities)
         return feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=self.validate)
 
     @override
@@ -158,12 +172,19 @@ class FeatureChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
     Args:
         capacity (str): ``"zipf"`` (c_j proportional to (j + 1 + zipf_beta) **
             -zipf_alpha, water-filled at N) or ``"uniform"`` (c_j = k * N / F).
+        capacity_order (str): which latent gets which capacity. ``"index"``
+            (the paper's rule): latent j gets the j-th largest, so the Zipf law
+            is imposed on latent IDs. ``"density_rank"`` (beyond the paper): the
+            latent of the i-th highest running density (``latent_density_ema``)
+            gets the i-th largest, so the law is imposed on the sorted
+            densities and a latent's capacity follows how often it fires.
         zipf_alpha (float): Zipf exponent of the capacities, > 0.
         zipf_beta (float): Zipf–Mandelbrot offset of the capacities, > -1.
     """
 
     aux_loss: Any = "none"
     capacity: Capacity = "zipf"
+    capacity_order: CapacityOrder = "index"
     zipf_alpha: float = 1.0
     zipf_beta: float = 0.0
 
@@ -176,6 +197,9 @@ class FeatureChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
     def validate_choice_fields(self) -> None:
         super().validate_choice_fields()
         check_choice(self.capacity, "capacity", CAPACITIES, owner="feature_choice config")
+        check_choice(
+            self.capacity_order, "capacity_order", CAPACITY_ORDERS, owner="feature_choice config"
+        )
         check_zipf_parameters(self.zipf_alpha, self.zipf_beta, owner="feature_choice config")
 
 
@@ -218,10 +242,21 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
         return hidden_pre
 
     @override
-    def select(self, hidden_pre: torch.Tensor) -> ChoicePairs:
+    def select(self, scores: torch.Tensor) -> ChoicePairs:
         # the offset of this step, computed on the device from the checkpointed
         # step counter (no read-back)
-        return self.activation_fn.pairs(hidden_pre, offset=rounding_offset(self.training_steps))
+        offset = rounding_offset(self.training_steps)
+        return self.activation_fn.pairs(scores, offset=offset, ranking=self.capacity_ranking())
+
+    def capacity_ranking(self) -> torch.Tensor | None:
+        """Latents from the densest down, when capacities follow the density rank.
+
+        Ties (the equal initial densities) keep index order, so a fresh SAE
+        starts with the paper's assignment.
+        """
+        if self.cfg.capacity_order == "index":
+            return None
+        return torch.argsort(self.latent_density_ema, descending=True, stable=True)
 
     @override
     def _update_thresholds(self, pairs: ChoicePairs) -> None:
@@ -240,10 +275,20 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
         from sae_lens_choice.calibration import CalibrationTarget
 
         cfg = self.cfg
-        densities = target_densities(
-            cfg.d_sae, cfg.k, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta
-        )
+        densities = target_densities(cfg.d_sae, cfg.k, cfg.capacity, cfg.zipf_alpha, cfg.zipf_beta)
+        ranking = self.capacity_ranking()
+        if ranking is not None:
+            densities = torch.empty_like(densities).scatter_(0, ranking.cpu(), densities)
         return CalibrationTarget(k=cfg.k, densities=densities)
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        ranking = self.capacity_ranking()
+        if ranking is not None:
+            # which latent holds which capacity is state, not config: the saved
+            # metadata carries it so calibrate_thresholds can find each target
+            self.cfg.metadata.capacity_ranking = ranking.tolist()
 
     def expected_capacities(self, n_tokens: int) -> torch.Tensor:
         """Expected tokens per latent for a batch of ``n_tokens`` (float64)."""

@@ -112,8 +112,8 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
         return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
 
     @override
-    def select(self, hidden_pre: torch.Tensor) -> ChoicePairs:
-        return self.activation_fn.pairs(hidden_pre)
+    def select(self, scores: torch.Tensor) -> ChoicePairs:
+        return self.activation_fn.pairs(scores)
 
     @override
     def _update_thresholds(self, pairs: ChoicePairs) -> None:

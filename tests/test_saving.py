@@ -277,3 +277,26 @@ def test_calibrate_thresholds_on_the_saved_jumprelu_uses_the_metadata(tmp_path: 
     # uniform capacities: each latent fires on round(8192 * 4 / 64) = 512 tokens
     counts = (acts > 0).sum(0)
     assert counts.tolist() == [512] * D_SAE
+
+
+def test_density_rank_feature_choice_saves_its_ranking_for_calibration(tmp_path: Path) -> None:
+    sae = trained("feature_choice", n_steps=20, capacity_order="density_rank")
+    ranking = sae.capacity_ranking()
+    assert not torch.equal(ranking, torch.arange(D_SAE))  # training reordered the latents
+    sae.save_inference_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    assert loaded.cfg.metadata.capacity_ranking == ranking.tolist()
+    # recalibrating the saved SAE aims each latent at the capacity of its rank
+    held_out = sparse_activations(8192, seed=321, d_in=D_IN)
+    calibrate_thresholds(loaded, held_out, show_progress=False)
+    with torch.no_grad():
+        fired = (loaded.encode(held_out) > 0).sum(0).double()
+        positives = ((loaded.process_sae_in(held_out) @ loaded.W_enc + loaded.b_enc) > 0).sum(0)
+    target = sae.calibration_target().densities * 8192
+    # latents with more positive pre-activations than their target can meet it
+    # exactly; the others fire on every positive value
+    enough = positives > target
+    assert int(enough.sum()) > D_SAE // 2
+    torch.testing.assert_close(fired[~enough], positives[~enough].double())
+    assert torch.corrcoef(torch.stack([fired, target]))[0, 1] > 0.95
+    assert float((fired[enough] - target[enough].round()).abs().max()) <= 1

@@ -693,3 +693,66 @@ def test_layer_norm_aux_loss_works_in_the_normalised_space(arch: str) -> None:
     torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-6)
     # the residual's scale is the normalised one, not the raw (50x) one
     assert float(aux) < 10 * D_IN
+
+
+# ---------------------------------------------------------------------------
+# norm-invariant allocation score (issue 13, option b)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_invariant_score_ranks_by_pre_activation_over_input_norm(arch: str) -> None:
+    extra = {"capacity": "uniform"} if arch == "feature_choice" else {}
+    sae = make_sae(arch, k=3, allocation_score="hidden_pre_over_input_norm", **extra)
+    by_value = make_sae(arch, k=3, **extra)  # the same weights (same seed), the paper's rule
+    for model in (sae, by_value):
+        make_all_positive(model)
+    # tokens of very different norms: by raw pre-activation the big ones win
+    x = inputs(40, seed=2) * torch.linspace(0.1, 10.0, 40)[:, None]
+    out = step(sae, x)
+    acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+    kept = acts > 0
+    # kept values are the pre-activations themselves
+    torch.testing.assert_close(acts[kept], hidden_pre[kept])
+    # the selection is the rule applied to hidden_pre / ||x - b_dec||
+    with torch.no_grad():
+        norms = sae.process_sae_in(x).norm(dim=-1, keepdim=True)
+    scores = hidden_pre / norms
+    if arch == "mutual_choice":
+        assert int(kept.sum()) == 120  # round(3 * 40)
+        assert scores[kept].min() >= scores[~kept].max()
+    else:
+        for j in range(D_SAE):  # each latent keeps its best-scoring tokens
+            if kept[:, j].any() and (~kept[:, j]).any():
+                assert scores[kept[:, j], j].min() >= scores[~kept[:, j], j].max()
+    # a token's L0 no longer grows with its norm as it does under the paper's rule
+    value_l0 = (as_matrix(step(by_value, x).feature_acts) > 0).sum(-1).float()
+    score_l0 = kept.sum(-1).float()
+    big, small = slice(30, 40), slice(0, 10)
+    assert (
+        value_l0[big].mean() - value_l0[small].mean()
+        > score_l0[big].mean() - score_l0[small].mean()
+    )
+
+
+# ---------------------------------------------------------------------------
+# Feature Choice capacities by density rank (issue 13, option c)
+# ---------------------------------------------------------------------------
+
+
+def test_density_rank_capacities_follow_the_running_density_order() -> None:
+    sae = make_sae("feature_choice", k=4, capacity="zipf", capacity_order="density_rank")
+    make_all_positive(sae)
+    # a fresh SAE (equal densities) ranks by index: the paper's assignment
+    torch.testing.assert_close(sae.capacity_ranking(), torch.arange(D_SAE))
+    # make latent 31 the densest and latent 0 the rarest
+    with torch.no_grad():
+        sae.latent_density_ema.copy_(torch.linspace(0.01, 0.5, D_SAE))
+    ranking = sae.capacity_ranking()
+    assert ranking.tolist() == list(range(D_SAE - 1, -1, -1))
+    out = step(sae, inputs(64), n_training_steps=0)
+    fired = (as_matrix(out.feature_acts) > 0).sum(0)
+    by_index = step_capacities(sae, 64, step=0)  # capacities of ranks 0, 1, ... (all positive)
+    # the i-th densest latent got the i-th largest capacity
+    torch.testing.assert_close(fired[ranking], by_index, rtol=0, atol=0)
+    assert int(fired[D_SAE - 1]) == int(by_index.max()) and int(fired[0]) == int(by_index.min())
