@@ -264,7 +264,7 @@ def _counts(densities: torch.Tensor, n_tokens: int) -> torch.Tensor:
     return torch.floor(densities * n_tokens + 0.5).to(torch.long).clamp(0, n_tokens)
 
 
-def _warn_if_few(target: CalibrationTarget, n_tokens: int) -> None:
+def _warn_if_few(target: CalibrationTarget, n_tokens: int, stacklevel: int) -> None:
     if target.densities is None:
         if batch_budget(target.k, n_tokens) < MIN_TARGET_COUNT:
             warnings.warn(
@@ -272,7 +272,7 @@ def _warn_if_few(target: CalibrationTarget, n_tokens: int) -> None:
                 f"{batch_budget(target.k, n_tokens)}-th largest value: unreliable; use at "
                 f"least {int(MIN_TARGET_COUNT / target.k) + 1} tokens",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
         return
     counts = _counts(target.densities, n_tokens)
@@ -285,11 +285,10 @@ def _warn_if_few(target: CalibrationTarget, n_tokens: int) -> None:
             "target count rounds to 0 fires on none of them); calibrate on at least "
             f"{needed} tokens",
             UserWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
 
-@torch.no_grad()
 def compute_thresholds(
     sae: SAE[Any],
     batches: Iterable[torch.Tensor] | torch.Tensor | Any,
@@ -307,6 +306,20 @@ def compute_thresholds(
     the arguments and the memory bound; ``target`` defaults to
     :func:`calibration_target` of ``sae``. Nothing is written into ``sae``.
     """
+    # stacklevel 5: warnings name the caller (warn, _compute_thresholds, its no_grad wrapper, us)
+    return _compute_thresholds(sae, batches, target, n_batches, max_tokens, show_progress, 5)
+
+
+@torch.no_grad()
+def _compute_thresholds(
+    sae: SAE[Any],
+    batches: Any,
+    target: CalibrationTarget | None,
+    n_batches: int | None,
+    max_tokens: int | None,
+    show_progress: bool,
+    stacklevel: int,
+) -> torch.Tensor:
     target = calibration_target(sae) if target is None else target
     cfg = sae.cfg
     d_in = cfg.d_in
@@ -389,7 +402,7 @@ def compute_thresholds(
         progress.close()
     if tracker is None or n_tokens == 0:
         raise ValueError("calibrate_thresholds got no calibration tokens")
-    _warn_if_few(target, n_tokens)
+    _warn_if_few(target, n_tokens, stacklevel)
 
     if isinstance(tracker, _GlobalTop):
         m = torch.tensor([batch_budget(target.k, n_tokens)])
@@ -410,7 +423,6 @@ def _make_tracker(
     return _PerLatentTop(m, device, dtype)
 
 
-@torch.no_grad()
 def calibrate_thresholds(
     sae: T_SAE,
     batches: Iterable[torch.Tensor] | torch.Tensor | Any,
@@ -468,16 +480,14 @@ def calibrate_thresholds(
             ``hidden_pre``, or an endless stream without a bound.
         TypeError: a SAE this package cannot calibrate.
     """
-    new = compute_thresholds(
-        sae, batches, n_batches=n_batches, max_tokens=max_tokens, show_progress=show_progress
-    )
+    new = _compute_thresholds(sae, batches, None, n_batches, max_tokens, show_progress, 5)
     threshold: torch.Tensor = sae.threshold  # type: ignore[assignment]
-    if threshold.ndim == 0:
-        # Training Mutual Choice SAE: one global value.
-        threshold.copy_(new[0].to(threshold))
-    else:
-        threshold.copy_(new.to(threshold))
-    updates = getattr(sae, "threshold_updates", None)
-    if isinstance(updates, torch.Tensor):
-        updates.clamp_(min=1)
+    with torch.no_grad():
+        # a training Mutual Choice SAE holds one global value (0-d)
+        threshold.copy_((new[0] if threshold.ndim == 0 else new).to(threshold))
+    if isinstance(sae, ChoiceTrainingSAE):
+        # further training blends into the calibrated values instead of
+        # replacing them, and a save right now keeps them
+        sae.threshold_updates.clamp_(min=1)
+        sae._thresholds_calibrated = True
     return sae

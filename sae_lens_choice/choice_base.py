@@ -305,6 +305,8 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         # moves); the checkpointed training_steps is exact.
         self._step_offset: int | None = None
         self.register_load_state_dict_post_hook(_reset_step_offset)
+        # set by calibrate_thresholds, cleared by the next training step
+        self._thresholds_calibrated = False
 
     def _initial_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Fresh values of every buffer this class adds."""
@@ -423,6 +425,7 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        self._thresholds_calibrated = False
         step = self._step(step_input.n_training_steps)
         every = self.cfg.check_finite_every
         if step_input.is_logging_step or (every > 0 and step % every == 0):
@@ -692,12 +695,17 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
 
         Calibrated exactly (``calibration.compute_thresholds``) on the kept
         recent training tokens under the current weights, so they carry no lag
-        from earlier weights; the threshold EMA, with a warning, when no
-        tokens were kept (``threshold_calibration_tokens=0``, or a SAE saved
-        before any training step).
+        from earlier weights. If :func:`~sae_lens_choice.calibrate_thresholds`
+        ran on this SAE since its last training step, its thresholds are kept
+        as they are. The threshold EMA, with a warning, when no tokens were
+        kept (``threshold_calibration_tokens=0``, or a SAE saved before any
+        training step).
         """
         from sae_lens_choice.calibration import compute_thresholds
 
+        if self._thresholds_calibrated:
+            # calibrate_thresholds ran since the last training step: keep its result
+            return self.threshold.detach().to(torch.float64).expand(self.cfg.d_sae).clone()
         inputs = self.calibration_inputs()
         if inputs.shape[0] == 0:
             warnings.warn(
@@ -908,6 +916,13 @@ class ChoiceSAE(SAE[Any]):
         """
         super().process_state_dict_for_loading(state_dict)
         arch = self.cfg.architecture()
+        if "latent_density_ema" in state_dict or "latent_density_ema" + _PACKED in state_dict:
+            raise ValueError(
+                f"this {arch} folder is a training checkpoint (a training SAE's save_model), "
+                "not a saved SAE: load it with sae_lens.TrainingSAE.load_from_disk to resume "
+                "training, or load the folder save_inference_model wrote (the runner's "
+                "output_path), which is SAELens's own jumprelu"
+            )
         expected = self.expected_state_shapes()
         missing = [name for name in expected if name not in state_dict]
         if missing:

@@ -227,7 +227,11 @@ def export_jumprelu_dir(
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             old.rmdir()
             out_dir.rename(old)
-            staging.rename(out_dir)
+            try:
+                staging.rename(out_dir)
+            except BaseException:
+                old.rename(out_dir)  # put the previous SAE back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(out_dir)

@@ -35,7 +35,8 @@ def choice_settings(sae: SAE[Any]) -> dict[str, Any] | None:
     ``"k"`` and, for Feature Choice, ``"capacity"``, ``"zipf_alpha"`` and
     ``"zipf_beta"``, plus whatever else the training config held. Read from
     the config of a training or 0.1.0 inference SAE of this package, or from
-    the metadata of a saved JumpReLU.
+    the metadata of a saved JumpReLU (also one exported by 0.1.0, which kept
+    its config under ``metadata["sae_lens_choice_config"]``).
     """
     cfg = sae.cfg
     if isinstance(sae, (ChoiceTrainingSAE, ChoiceSAE)):
@@ -43,6 +44,10 @@ def choice_settings(sae: SAE[Any]) -> dict[str, Any] | None:
         settings["architecture"] = cfg.architecture()
         return settings
     metadata = cfg.metadata
+    legacy = metadata.get("sae_lens_choice_config")
+    if isinstance(legacy, dict) and legacy.get("architecture") in BATCH_ARCHITECTURES:
+        # a JumpReLU exported by 0.1.0 kept our config under its own key
+        return dict(legacy)
     arch = metadata.get("training_architecture")
     details = metadata.get("training_architecture_details") or {}
     if arch not in BATCH_ARCHITECTURES or "k" not in details:

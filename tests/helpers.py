@@ -106,7 +106,7 @@ def make_legacy_sae(
         metadata=metadata or SAEMetadata(hook_name=None, context_size=16, prepend_bos=False),
         **overrides,
     )
-    sae = randomize_weights(sae_class(cfg), seed, b_enc=b_enc)
+    sae: Any = randomize_weights(sae_class(cfg), seed, b_enc=b_enc)
     with torch.no_grad():
         sae.threshold.fill_(threshold)
     return sae
@@ -240,3 +240,28 @@ def run_python(code: str, *args: str | Path, cwd: Path, env: dict[str, str] | No
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def make_calibrated_legacy_sae(
+    arch: str, *, n_tokens: int = 2048, data_seed: int = 1, **kwargs: Any
+) -> Any:
+    """:func:`make_legacy_sae` (``kwargs``), thresholds calibrated exactly on
+    ``sparse_activations(n_tokens, data_seed)``: it fires about k latents a token."""
+    from sae_lens_choice import calibrate_thresholds
+
+    sae = make_legacy_sae(arch, **kwargs)
+    x = sparse_activations(n_tokens, seed=data_seed, d_in=sae.cfg.d_in)
+    return calibrate_thresholds(sae, x, show_progress=False)
+
+
+#: ``sae-lens-choice demo`` at a tiny scale (seconds): :class:`DemoConfig` fields.
+TINY_DEMO: dict[str, Any] = {
+    "d_in": 8,
+    "n_features": 32,
+    "d_sae": 32,
+    "k": 2.0,
+    "training_samples": 4096,
+    "batch_size": 256,
+    "calibration_samples": 1024,
+    "eval_samples": 1024,
+}

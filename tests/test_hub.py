@@ -15,11 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -30,41 +26,36 @@ import torch
 from huggingface_hub import HfApi
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
-from sae_lens import upload_saes_to_huggingface
+from sae_lens import SAE, JumpReLUSAE, upload_saes_to_huggingface
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training import upload_saes_to_huggingface as upload_module
 from safetensors.torch import load_file, save_file
 
-from sae_lens_choice import (
-    FeatureChoiceSAE,
-    FeatureChoiceSAEConfig,
-    MutualChoiceSAE,
-    MutualChoiceSAEConfig,
-    calibrate_thresholds,
+from tests.helpers import (
+    make_calibrated_legacy_sae,
+    make_trained_sae,
+    run_python,
+    save_legacy_folder,
+    sparse_activations,
 )
 
-D_IN, D_SAE = 16, 64
+D_SAE = 64
 REPO = "choice-org/tiny-choice-saes"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+METADATA = SAEMetadata(hook_name="blocks.0.hook_resid_post", model_name="tiny")
 
 
-def make_sae(arch: str, seed: int) -> MutualChoiceSAE | FeatureChoiceSAE:
-    metadata = SAEMetadata(hook_name="blocks.0.hook_resid_post", model_name="tiny")
-    common: dict[str, Any] = {"d_in": D_IN, "d_sae": D_SAE, "k": 4, "metadata": metadata}
-    common["rescale_acts_by_decoder_norm"] = True
-    sae: Any = (
-        MutualChoiceSAE(MutualChoiceSAEConfig(**common))
-        if arch == "mutual_choice"
-        else FeatureChoiceSAE(FeatureChoiceSAEConfig(**common, capacity="zipf"))
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) / math.sqrt(D_IN))
-        sae.b_enc.copy_(0.5 + 0.1 * torch.randn(D_SAE, generator=g))
-        sae.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g) * 0.7)
-        sae.b_dec.copy_(0.1 * torch.randn(D_IN, generator=g))
-    calibrate_thresholds(sae, torch.randn(2048, D_IN, generator=g) * 2, show_progress=False)
-    return sae
+def save_trained(path: Path, arch: str, seed: int) -> JumpReLUSAE:
+    """What users publish: a SAE trained by this package and saved (SAELens's jumprelu)."""
+    sae = make_trained_sae(arch, n_steps=8, seed=seed, metadata=METADATA)
+    sae.save_inference_model(path)
+    loaded = SAE.load_from_disk(path)
+    assert isinstance(loaded, JumpReLUSAE)
+    return loaded
+
+
+#: A 0.1.0 SAE (``mutual_choice``/``feature_choice`` architecture) as published.
+LEGACY: dict[str, Any] = {"b_enc": 0.5, "rescale_acts_by_decoder_norm": True, "metadata": METADATA}
 
 
 # ---------------------------------------------------------------------------
@@ -145,15 +136,21 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
 
 
 def test_upload_sends_exactly_the_saelens_files(fake_hub: FakeHub, tmp_path: Path) -> None:
-    mc = make_sae("mutual_choice", seed=0)
-    fc_dir = tmp_path / "fc"
-    make_sae("feature_choice", seed=1).save_model(fc_dir)
-    save_file({"sparsity": torch.randn(D_SAE)}, fc_dir / "sparsity.safetensors")
-    (fc_dir / "runner_cfg.json").write_text("{}")
-    (fc_dir / "notes.txt").write_text("not for upload")  # filtered by allow_patterns
+    # A saved folder (as the runner's output_path holds it), a loaded SAE
+    # object, and a 0.1.0 SAE object, which the uploader saves with save_model.
+    mc_dir = tmp_path / "mc"
+    save_trained(mc_dir, "mutual_choice", seed=0)
+    save_file({"sparsity": torch.randn(D_SAE)}, mc_dir / "sparsity.safetensors")
+    (mc_dir / "runner_cfg.json").write_text("{}")
+    (mc_dir / "notes.txt").write_text("not for upload")  # filtered by allow_patterns
+    fc = save_trained(tmp_path / "fc", "feature_choice", seed=1)
 
     upload_saes_to_huggingface(
-        {"blocks.0/mutual_choice": mc, "blocks.0/feature_choice": fc_dir},
+        {
+            "blocks.0/mutual_choice": mc_dir,
+            "blocks.0/feature_choice": fc,
+            "blocks.0/legacy": make_calibrated_legacy_sae("mutual_choice", seed=2, **LEGACY),
+        },
         hf_repo_id=REPO,
         show_progress=False,
     )
@@ -162,67 +159,81 @@ def test_upload_sends_exactly_the_saelens_files(fake_hub: FakeHub, tmp_path: Pat
     assert [u["path_in_repo"] for u in fake_hub.folder_uploads] == [
         "blocks.0/mutual_choice",
         "blocks.0/feature_choice",
+        "blocks.0/legacy",
     ]
     assert all(u["revision"] == "main" for u in fake_hub.folder_uploads)
     assert sorted(fake_hub.files) == [
         "README.md",
         "blocks.0/feature_choice/cfg.json",
-        "blocks.0/feature_choice/runner_cfg.json",
         "blocks.0/feature_choice/sae_weights.safetensors",
-        "blocks.0/feature_choice/sparsity.safetensors",
+        "blocks.0/legacy/cfg.json",
+        "blocks.0/legacy/sae_weights.safetensors",
         "blocks.0/mutual_choice/cfg.json",
+        "blocks.0/mutual_choice/runner_cfg.json",
         "blocks.0/mutual_choice/sae_weights.safetensors",
+        "blocks.0/mutual_choice/sparsity.safetensors",
     ]
-    # the SAE object was saved by save_model: our architecture, our weights
-    cfg = json.loads(fake_hub.files["blocks.0/mutual_choice/cfg.json"])
-    assert cfg["architecture"] == "mutual_choice" and cfg["k"] == 4
-    assert cfg["inference_mode"] == "threshold"
+    for sae_id, arch in [("mutual_choice", "mutual_choice"), ("feature_choice", "feature_choice")]:
+        cfg = json.loads(fake_hub.files[f"blocks.0/{sae_id}/cfg.json"])
+        assert cfg["architecture"] == "jumprelu"
+        assert cfg["metadata"]["training_architecture"] == arch
+        assert cfg["metadata"]["training_architecture_details"]["k"] == 4
+    legacy_cfg = json.loads(fake_hub.files["blocks.0/legacy/cfg.json"])
+    assert legacy_cfg["architecture"] == "mutual_choice" and legacy_cfg["k"] == 4
+    assert legacy_cfg["inference_mode"] == "threshold"
     readme = fake_hub.files["README.md"].decode()
     assert "blocks.0/mutual_choice" in readme and f'SAE.from_pretrained("{REPO}"' in readme
     # the uploader checks for a README after each SAE and writes it once
     assert [u["path_in_repo"] for u in fake_hub.file_uploads] == ["README.md"]
 
 
-_CHILD = textwrap.dedent(
-    """
-    import sys
-    from safetensors.torch import load_file, save_file
-    import huggingface_hub.constants as c
-    assert c.HF_HUB_OFFLINE and c.HF_HUB_CACHE == sys.argv[2], (c.HF_HUB_OFFLINE, c.HF_HUB_CACHE)
-    import sae_lens_choice  # registers mutual_choice / feature_choice
-    from sae_lens import SAE
+_CHILD = """
+import sys
+from safetensors.torch import load_file, save_file
+import huggingface_hub.constants as c
+assert c.HF_HUB_OFFLINE and c.HF_HUB_CACHE == sys.argv[2], (c.HF_HUB_OFFLINE, c.HF_HUB_CACHE)
+from sae_lens import SAE
 
-    x = load_file(f"{sys.argv[1]}/inputs.safetensors")["x"]
-    out = {}
-    for sae_id in sys.argv[4:]:
-        sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(sys.argv[3], sae_id)
-        out[f"{sae_id}.encode"] = sae.encode(x).detach()
-        out[f"{sae_id}.forward"] = sae(x).detach()
-        out[f"{sae_id}.threshold"] = sae.threshold.detach()
-        if sparsity is not None:
-            out[f"{sae_id}.sparsity"] = sparsity
-        out[f"{sae_id}.is_" + type(sae).__name__] = x.new_ones(())
-        # the plain from_pretrained call of the README
-        same = SAE.from_pretrained(sys.argv[3], sae_id)
-        assert (same.threshold == sae.threshold).all()
-    save_file(out, f"{sys.argv[1]}/outputs.safetensors")
-    """
-)
+x = load_file(f"{sys.argv[1]}/inputs.safetensors")["x"]
+out = {}
+for sae_id in sys.argv[4:]:
+    if sae_id.startswith("legacy/"):
+        import sae_lens_choice  # 0.1.0 folders need mutual_choice / feature_choice registered
+    sae, cfg, sparsity = SAE.from_pretrained_with_cfg_and_sparsity(sys.argv[3], sae_id)
+    if sae_id.startswith("trained/"):  # (given first) SAELens alone loads them
+        assert "sae_lens_choice" not in sys.modules, "the plugin was imported"
+    out[f"{sae_id}.encode"] = sae.encode(x).detach()
+    out[f"{sae_id}.forward"] = sae(x).detach()
+    out[f"{sae_id}.threshold"] = sae.threshold.detach()
+    if sparsity is not None:
+        out[f"{sae_id}.sparsity"] = sparsity
+    out[f"{sae_id}.is_" + type(sae).__name__] = x.new_ones(())
+    # the plain from_pretrained call of the README
+    same = SAE.from_pretrained(sys.argv[3], sae_id)
+    assert (same.threshold == sae.threshold).all()
+save_file(out, f"{sys.argv[1]}/outputs.safetensors")
+"""
 
 
 def test_from_pretrained_round_trip_through_a_local_hf_cache(
     fake_hub: FakeHub, tmp_path: Path
 ) -> None:
-    saes = {
-        "layer0/mc": make_sae("mutual_choice", seed=2),
-        "layer0/fc": make_sae("feature_choice", seed=3),
-    }
-    fc_dir = tmp_path / "fc"
-    saes["layer0/fc"].save_model(fc_dir)
     sparsity = torch.randn(D_SAE)
-    save_file({"sparsity": sparsity}, fc_dir / "sparsity.safetensors")
+    saes: dict[str, Any] = {}
+    for arch, seed in [("mutual_choice", 3), ("feature_choice", 4)]:
+        saes[f"trained/{arch}"] = save_trained(tmp_path / arch, arch, seed=seed)
+    save_file({"sparsity": sparsity}, tmp_path / "feature_choice" / "sparsity.safetensors")
+    saes["legacy/mutual_choice"] = make_calibrated_legacy_sae("mutual_choice", seed=5, **LEGACY)
+    saes["legacy/feature_choice"] = save_legacy_folder(
+        tmp_path / "legacy-fc", "feature_choice", seed=6, **LEGACY
+    )
     upload_saes_to_huggingface(
-        {"layer0/mc": saes["layer0/mc"], "layer0/fc": fc_dir},
+        {
+            "trained/mutual_choice": tmp_path / "mutual_choice",
+            "trained/feature_choice": tmp_path / "feature_choice",
+            "legacy/mutual_choice": saes["legacy/mutual_choice"],
+            "legacy/feature_choice": tmp_path / "legacy-fc",
+        },
         hf_repo_id=REPO,
         show_progress=False,
     )
@@ -232,10 +243,8 @@ def test_from_pretrained_round_trip_through_a_local_hf_cache(
         hub_cache / "models--choice-org--tiny-choice-saes" / "refs" / "main"
     ).read_text() == commit
 
-    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(4)) * 2
+    x = sparse_activations(256, seed=7)
     save_file({"x": x}, tmp_path / "inputs.safetensors")
-    script = tmp_path / "child.py"
-    script.write_text(_CHILD)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))},
         "HF_HOME": str(tmp_path / "hf_home"),
@@ -243,21 +252,28 @@ def test_from_pretrained_round_trip_through_a_local_hf_cache(
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
     }
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(hub_cache), REPO, *saes],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    env.pop("PYTHONPATH", None)
+    run_python(_CHILD, tmp_path, hub_cache, REPO, *saes, cwd=tmp_path, env=env)
     outputs = load_file(tmp_path / "outputs.safetensors")
-    assert "layer0/mc.is_MutualChoiceSAE" in outputs
-    assert "layer0/fc.is_FeatureChoiceSAE" in outputs
+    for arch, legacy_class in [
+        ("mutual_choice", "MutualChoiceSAE"),
+        ("feature_choice", "FeatureChoiceSAE"),
+    ]:
+        assert f"trained/{arch}.is_JumpReLUSAE" in outputs
+        assert f"legacy/{arch}.is_{legacy_class}" in outputs
     with torch.no_grad():
         for sae_id, sae in saes.items():
             torch.testing.assert_close(outputs[f"{sae_id}.encode"], sae.encode(x), rtol=0, atol=0)
             torch.testing.assert_close(outputs[f"{sae_id}.forward"], sae(x), rtol=0, atol=0)
             torch.testing.assert_close(outputs[f"{sae_id}.threshold"], sae.threshold)
-    torch.testing.assert_close(outputs["layer0/fc.sparsity"], sparsity)
-    assert "layer0/mc.sparsity" not in outputs
+            assert (outputs[f"{sae_id}.encode"] > 0).any()
+    torch.testing.assert_close(outputs["trained/feature_choice.sparsity"], sparsity)
+    assert "trained/mutual_choice.sparsity" not in outputs
+
+
+# ---------------------------------------------------------------------------
+# examples/publish_to_hub.py
+# ---------------------------------------------------------------------------
 
 
 def _load_example() -> ModuleType:
@@ -269,25 +285,71 @@ def _load_example() -> ModuleType:
     return module
 
 
-def test_publish_example_uploads_saes_and_jumprelu_exports(
+def test_publish_example_uploads_saved_saes_and_converts_0_1_0_folders(
     fake_hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     example = _load_example()
     assert fake_hub.folder_uploads == []  # importing it did nothing
-    make_sae("mutual_choice", seed=5).save_model(tmp_path / "mc")
+    trained = save_trained(tmp_path / "mc", "mutual_choice", seed=8)
+    old = save_legacy_folder(tmp_path / "old", "feature_choice", seed=9, **LEGACY)
     fake_hub.repo_exists = True
     status = example.main(
-        ["--repo-id", REPO, "--sae", f"resid0={tmp_path / 'mc'}", "--jumprelu", "--no-readme"]
-    )
+        [
+            "--repo-id", REPO, "--sae", f"resid0-mc={tmp_path / 'mc'}",
+            "--sae", f"resid0-fc={tmp_path / 'old'}", "--no-readme",
+        ]
+    )  # fmt: skip
     assert status == 0
     assert fake_hub.repos_created == []  # it existed already
     assert sorted(fake_hub.files) == [
-        "resid0-jumprelu/cfg.json",
-        "resid0-jumprelu/sae_weights.safetensors",
-        "resid0/cfg.json",
-        "resid0/sae_weights.safetensors",
+        "resid0-fc/cfg.json",
+        "resid0-fc/sae_weights.safetensors",
+        "resid0-mc/cfg.json",
+        "resid0-mc/sae_weights.safetensors",
     ]
-    assert json.loads(fake_hub.files["resid0-jumprelu/cfg.json"])["architecture"] == "jumprelu"
-    assert "uploaded 2 SAE(s)" in capsys.readouterr().out
+    # the trained SAE goes up as saved; the 0.1.0 folder as its JumpReLU conversion
+    assert fake_hub.files["resid0-mc/cfg.json"] == (tmp_path / "mc" / "cfg.json").read_bytes()
+    converted = json.loads(fake_hub.files["resid0-fc/cfg.json"])
+    assert converted["architecture"] == "jumprelu"
+    assert converted["metadata"]["training_architecture"] == "feature_choice"
+    out = capsys.readouterr().out
+    assert "resid0-fc: converted a 0.1.0 feature_choice folder to jumprelu" in out
+    assert "uploaded 2 SAE(s)" in out
+    # the conversion encodes as the 0.1.0 SAE did
+    fc_dir = tmp_path / "published-fc"
+    fc_dir.mkdir()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (fc_dir / name).write_bytes(fake_hub.files[f"resid0-fc/{name}"])
+    x = sparse_activations(256, seed=10)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            SAE.load_from_disk(fc_dir).encode(x), old.encode(x), rtol=1e-5, atol=1e-5
+        )
+        assert trained.encode(x).abs().sum() > 0
+
     with pytest.raises(SystemExit):
         example.main(["--repo-id", REPO, "--sae", "no-equals-sign"])
+
+
+def test_publish_example_refuses_bad_folders_before_uploading_anything(
+    fake_hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = _load_example()
+    save_trained(tmp_path / "good", "mutual_choice", seed=11)
+    # a SAE with one NaN weight
+    save_trained(tmp_path / "nan", "feature_choice", seed=12)
+    weights = load_file(tmp_path / "nan" / "sae_weights.safetensors")
+    weights["W_dec"][5, 3] = float("nan")
+    save_file(weights, tmp_path / "nan" / "sae_weights.safetensors")
+    # a training checkpoint, not the saved SAE
+    make_trained_sae("mutual_choice", n_steps=2).save_model(tmp_path / "ckpt")
+
+    good = f"ok={tmp_path / 'good'}"
+    for bad, message in [
+        (f"bad={tmp_path / 'nan'}", "W_dec holds NaN or inf; not publishing it"),
+        (f"bad={tmp_path / 'ckpt'}", "A training checkpoint cannot be published"),
+        (f"ok={tmp_path / 'good'}", "given twice"),
+    ]:
+        assert example.main(["--repo-id", REPO, "--sae", good, "--sae", bad]) == 1
+        assert message in capsys.readouterr().err
+    assert fake_hub.repos_created == [] and fake_hub.files == {}

@@ -300,3 +300,40 @@ def test_density_rank_feature_choice_saves_its_ranking_for_calibration(tmp_path:
     torch.testing.assert_close(fired[~enough], positives[~enough].double())
     assert torch.corrcoef(torch.stack([fired, target]))[0, 1] > 0.95
     assert float((fired[enough] - target[enough].round()).abs().max()) <= 1
+
+
+def test_thresholds_calibrated_by_the_user_are_what_gets_saved(tmp_path: Path) -> None:
+    sae = trained("mutual_choice")
+    held_out = sparse_activations(4096, seed=77, d_in=D_IN)
+    calibrate_thresholds(sae, held_out, show_progress=False)
+    expected = sae.threshold.detach().clone()
+    sae.save_inference_model(tmp_path / "sae")
+    saved = SAE.load_from_disk(tmp_path / "sae").threshold.double()
+    torch.testing.assert_close(saved, expected.expand(D_SAE), rtol=1e-6, atol=1e-7)
+    # a training step afterwards makes the kept recent tokens the source again
+    train(sae, [sparse_activations(256, seed=1234, d_in=D_IN)])
+    assert not torch.equal(sae.inference_thresholds(), expected.expand(D_SAE))
+
+
+def test_loading_a_training_checkpoint_as_a_saved_sae_says_what_it_is(tmp_path: Path) -> None:
+    sae = trained("feature_choice", n_steps=2)
+    sae.save_model(tmp_path / "ckpt")  # what SAELens's trainer writes as a checkpoint
+    with pytest.raises(ValueError, match=r"training checkpoint.*TrainingSAE\.load_from_disk"):
+        SAE.load_from_disk(tmp_path / "ckpt")
+
+
+def test_a_jumprelu_exported_by_0_1_0_keeps_its_settings(tmp_path: Path) -> None:
+    # 0.1.0's export kept our config under metadata["sae_lens_choice_config"]
+    sae = trained("mutual_choice", n_steps=3)
+    sae.save_inference_model(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    metadata = cfg["metadata"]
+    details = metadata.pop("training_architecture_details")
+    metadata.pop("training_architecture")
+    metadata["sae_lens_choice_config"] = {"architecture": "mutual_choice", "k": details["k"]}
+    (tmp_path / "sae" / "cfg.json").write_text(json.dumps(cfg))
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    assert choice_settings(loaded) == {"architecture": "mutual_choice", "k": 4}
+    with torch.no_grad():
+        acts = encode_batch(loaded, sparse_activations(100, seed=3, d_in=D_IN))
+    assert int((acts > 0).sum()) <= 400
