@@ -15,6 +15,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 from sae_lens_choice import allocation, losses, zipf
 from sae_lens_choice.calibration import calibrate_thresholds, compute_thresholds
+from sae_lens_choice.evaluation import SAEEvaluation, evaluate_sae
 from sae_lens_choice.export import to_jumprelu
 from sae_lens_choice.feature_choice_sae import (
     FeatureChoiceSAE,
@@ -86,12 +87,14 @@ __all__ = [
     "MutualChoiceSAEConfig",
     "MutualChoiceTrainingSAE",
     "MutualChoiceTrainingSAEConfig",
+    "SAEEvaluation",
     "__version__",
     "allocation",
     "calibrate_thresholds",
     "choice_settings",
     "compute_thresholds",
     "encode_batch",
+    "evaluate_sae",
     "losses",
     "register",
     "to_jumprelu",

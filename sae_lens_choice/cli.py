@@ -69,12 +69,12 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(
         help="compare topk, batchtopk, mutual_choice and feature_choice on synthetic data "
         "with known ground truth (the main job; <= 5 min on 2 CPU cores)",
-        target="sae_lens_choice.demo:demo_main",
+        target="sae_lens_choice.demo.cli:demo_main",
     ),
     "zipf-fit": Command(
         help="fit a Zipf-Mandelbrot law to saved latent densities (sparsity.safetensors) "
         "and plot rank vs density",
-        target="sae_lens_choice.demo:zipf_fit_main",
+        target="sae_lens_choice.demo.cli:zipf_fit_main",
     ),
     "export-jumprelu": Command(
         help="convert a saved mutual_choice/feature_choice SAE into SAELens's own jumprelu "

@@ -9,7 +9,10 @@ with one threshold per latent; the 0.1.0 inference architecture
 (``"architecture": "feature_choice"``) stays loadable.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: SAELens's CLI (simple_parsing)
+# resolves config field annotations such as `Capacity` at run time, in
+# the modules of the base classes, where these aliases are not defined.
+
 
 from collections.abc import Callable
 from dataclasses import dataclass

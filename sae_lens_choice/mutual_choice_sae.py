@@ -10,7 +10,10 @@ faster exact selection on CPU. The 0.1.0 inference architecture
 (``"architecture": "mutual_choice"``) stays loadable.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: SAELens's CLI (simple_parsing)
+# resolves config field annotations such as `Capacity` at run time, in
+# the modules of the base classes, where these aliases are not defined.
+
 
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -9,7 +9,6 @@ loading is swapped for a tiny local transformer (there is no network).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -20,13 +19,12 @@ import datasets
 import pytest
 import sae_lens
 import torch
-from sae_lens import SAE, LanguageModelSAETrainingRunner
+from sae_lens import SAE, JumpReLUSAE, LanguageModelSAETrainingRunner
 from sae_lens.llm_sae_training_runner import _parse_cfg_args
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_lens_choice import (
-    FeatureChoiceSAE,
     FeatureChoiceTrainingSAEConfig,
     MutualChoiceTrainingSAEConfig,
 )
@@ -275,7 +273,7 @@ def test_architecture_flag_spellings(spelling: list[str]) -> None:
     ("args", "names"),
     [
         (["--architecture", "feature_choice", "--capacity", "bogus"], ["--capacity", "bogus"]),
-        (["--architecture", "feature_choice", "--k", "-1"], ["k must be > 0"]),
+        (["--architecture", "feature_choice", "--k", "-1"], ["k must be a finite number > 0"]),
         (["--architecture", "mutual_choice", "--k", "abc"], ["--k", "abc"]),
         (["--architecture", "mutual_choice", "--k", "5000", "--d_sae", "64"], ["k", "d_sae"]),
         (["--architecture", "mutual_choice", "--aux_loss", "aux_q"], ["--aux_loss", "aux_q"]),
@@ -367,6 +365,7 @@ def test_train_command_runs_the_sae_lens_runner(
     assert main(args) == 0
     assert type(seen["cfg"].sae) is FeatureChoiceTrainingSAEConfig
     loaded = SAE.load_from_disk(output)
-    assert type(loaded) is FeatureChoiceSAE
-    assert loaded.cfg.k == 4
-    assert dataclasses.asdict(loaded.cfg)["capacity"] == "zipf"
+    assert type(loaded) is JumpReLUSAE  # saved as SAELens's own architecture
+    assert loaded.cfg.metadata.training_architecture == "feature_choice"
+    details = loaded.cfg.metadata.training_architecture_details
+    assert (details["k"], details["capacity"]) == (4, "zipf")

@@ -10,37 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_DEMO
 from sae_lens import SAE, JumpReLUSAE, TopKSAE
 
-import sae_lens_choice
 from sae_lens_choice.demo import (
+    ARCHITECTURE_TABLE,
+    ARCHITECTURES,
     DemoConfig,
-    _SyntheticData,
+    DemoError,
     demo_main,
     load_sparsity,
     run_demo,
     zipf_fit_main,
 )
+from sae_lens_choice.demo.architectures import training_config
+from sae_lens_choice.demo.data import EVAL, SyntheticData
+from sae_lens_choice.evaluation import evaluate_sae
 
-# Every model name the demo reports, in table order.
-MODEL_NAMES = [
-    "topk",
-    "batchtopk",
-    "batchtopk_ema",
-    "mutual_choice",
-    "feature_choice_uniform",
-    "feature_choice_zipf",
-]
-TINY = [
-    "--d-in", "8",
-    "--n-features", "32",
-    "--d-sae", "32",
-    "--k", "2",
-    "--training-samples", "4096",
-    "--batch-size", "256",
-    "--calibration-samples", "1024",
-    "--eval-samples", "1024",
-]  # fmt: skip
+THRESHOLDED = ["batchtopk", "mutual_choice", "feature_choice_uniform", "feature_choice_zipf"]
+# Every row the demo reports, in table order: the SAE as saved, then recalibrated.
+MODEL_NAMES = ["topk"] + [n for a in THRESHOLDED for n in (a, f"{a}_recalibrated")]
+TINY = [f"--{name.replace('_', '-')}={value:g}" for name, value in TINY_DEMO.items()]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,9 +55,9 @@ def test_demo_prints_table_and_writes_results(demo_run: tuple[int, str, Path]) -
     assert rc == 0
     for name in MODEL_NAMES:
         assert name in stdout
-    for column in ("NMSE", "MCC", "dead", "samples/s"):
+    for column in ("NMSE", "MCC", "dead", "under-used", "samples/s"):
         assert column in stdout
-    assert "SAE.load_from_disk(" in stdout and "import sae_lens_choice" in stdout
+    assert "SAE.load_from_disk(" in stdout
 
     markdown = (out / "results.md").read_text()
     assert "| model | EV | NMSE |" in markdown
@@ -82,18 +72,23 @@ def test_demo_prints_table_and_writes_results(demo_run: tuple[int, str, Path]) -
             assert math.isfinite(m[key]), (m["name"], key)
         assert m["nmse"] == pytest.approx(1 - m["explained_variance"])
         assert 0 <= m["mcc"] <= 1
-        assert 0 <= m["dead_latents"] <= 32
+        assert 0 <= m["dead_latents"] <= m["underused_latents"] <= 32
+        assert m["n_tokens"] == 1024
         assert m["train_samples"] == 4096
         assert m["train_samples_per_second"] > 0
         assert Path(m["path"]).is_dir()
     by_name = {m["name"]: m for m in models}
     # TopK is per token: exactly k latents or fewer (only positive values fire).
     assert by_name["topk"]["l0_std"] <= 0.5 and by_name["topk"]["l0_max"] <= 2
-    # Calibrated thresholds hit k on the calibration split; the eval split is
-    # another sample of the same distribution.
-    for name in ("mutual_choice", "batchtopk", "feature_choice_uniform", "feature_choice_zipf"):
-        assert 1.0 < by_name[name]["l0_mean"] < 3.0, name
-        assert by_name[name]["threshold"].startswith("calibrated")
+    # Saved (exact on the last training tokens) and recalibrated thresholds hit
+    # k = 2 on their own tokens; the eval split is another sample.
+    for name in MODEL_NAMES[1:]:
+        if name != "batchtopk":  # SAELens's EMA threshold: no promise
+            assert 1.0 < by_name[name]["l0_mean"] < 3.0, name
+    for name in THRESHOLDED:
+        assert by_name[name]["thresholds"] == "saved"
+        assert by_name[f"{name}_recalibrated"]["thresholds"] == "recalibrated"
+        assert by_name[name]["sae_architecture"] == "jumprelu"
     # k sweep: every architecture at k = 2 (main), 1 and 3
     assert sorted({m["k"] for m in results["sweep"] if m["name"] == "mutual_choice"}) == [
         1.0,
@@ -113,32 +108,36 @@ def test_demo_writes_plots(demo_run: tuple[int, str, Path]) -> None:
         assert_png(out / name)
 
 
-def test_demo_saves_loadable_saes(demo_run: tuple[int, str, Path]) -> None:
+def test_demo_saves_what_it_evaluates(demo_run: tuple[int, str, Path]) -> None:
+    # Each row is the folder as users load it: SAELens's own classes, and the
+    # same numbers when evaluated again from disk.
     _, _, out = demo_run
-    expected = {
-        "topk": TopKSAE,
-        "batchtopk": JumpReLUSAE,
-        "batchtopk_ema": JumpReLUSAE,
-        "mutual_choice": sae_lens_choice.MutualChoiceSAE,
-        "feature_choice_uniform": sae_lens_choice.FeatureChoiceSAE,
-        "feature_choice_zipf": sae_lens_choice.FeatureChoiceSAE,
-    }
+    results = json.loads((out / "results.json").read_text())
+    eval_batches, _ = SyntheticData(DemoConfig(**TINY_DEMO)).split(EVAL, 1024)
     x = torch.randn(16, 8)
-    for name, cls in expected.items():
-        path = out / "saes" / name
+    for m in results["models"]:
+        path = Path(m["path"])
+        assert path == out / "saes" / m["name"]
+        assert json.loads((path / "cfg.json").read_text())["architecture"] == m["sae_architecture"]
         sae = SAE.load_from_disk(path)
-        assert type(sae) is cls, name
-        assert sae.encode(x).shape == (16, 32)
+        assert type(sae) is (TopKSAE if m["name"] == "topk" else JumpReLUSAE), m["name"]
         assert sae.decode(sae.encode(x)).shape == (16, 8)
+        again = evaluate_sae(sae, eval_batches)
+        assert again.l0_mean == m["l0_mean"], m["name"]
+        assert again.nmse == pytest.approx(m["nmse"], rel=1e-6), m["name"]
         densities = load_sparsity(path / "sparsity.safetensors")
         assert densities.shape == (32,) and bool((densities >= 0).all())
     # sweep models are saved too
-    assert (out / "saes" / "k1" / "mutual_choice" / "cfg.json").exists()
-    # the calibrated BatchTopK differs from SAELens's export only in its threshold
-    a = SAE.load_from_disk(out / "saes" / "batchtopk")
-    b = SAE.load_from_disk(out / "saes" / "batchtopk_ema")
-    torch.testing.assert_close(a.W_enc, b.W_enc)
-    assert a.threshold.unique().numel() == 1
+    assert (out / "saes" / "k1" / "mutual_choice_recalibrated" / "cfg.json").exists()
+    # recalibration changes only the thresholds: one global value for
+    # BatchTopK and Mutual Choice, one per latent for Feature Choice
+    for name in THRESHOLDED:
+        saved = SAE.load_from_disk(out / "saes" / name)
+        recalibrated = SAE.load_from_disk(out / "saes" / f"{name}_recalibrated")
+        torch.testing.assert_close(saved.W_enc, recalibrated.W_enc, rtol=0, atol=0)
+        threshold: torch.Tensor = recalibrated.threshold  # type: ignore[assignment]
+        per_latent = name.startswith("feature_choice")
+        assert (torch.unique(threshold).numel() > 1) == per_latent, name
 
 
 def test_zipf_fit_on_demo_directory(
@@ -150,7 +149,7 @@ def test_zipf_fit_on_demo_directory(
     text = capsys.readouterr().out
     assert "mutual_choice" in text and "ranks 2–20" in text and "all ranks" in text
     values = [float(tok.split("=")[1]) for tok in text.split() if tok.startswith("alpha=")]
-    assert len(values) >= 2 * 6 and all(math.isfinite(v) for v in values)
+    assert len(values) >= 2 * len(MODEL_NAMES) and all(math.isfinite(v) for v in values)
     r2 = [float(tok.split("=")[1]) for tok in text.split() if tok.startswith("R^2=")]
     assert r2 and all(math.isfinite(v) and v <= 1 for v in r2)
     assert_png(plot)
@@ -160,38 +159,71 @@ def test_zipf_fit_on_one_file(
     demo_run: tuple[int, str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, _, out = demo_run
-    plot = tmp_path / "sub" / "one.png"  # parent directory is created
+    plot = tmp_path / "sub" / "one.pdf"  # parent directory is created; the suffix picks PDF
     path = out / "saes" / "feature_choice_zipf" / "sparsity.safetensors"
     assert zipf_fit_main([str(path), "--output", str(plot)]) == 0
     assert "alpha=" in capsys.readouterr().out
-    assert_png(plot)
+    assert plot.read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.parametrize("output", ["a.safetensors", "plot", "fit.PNGX"])
+def test_zipf_fit_unsupported_output_exit_2(
+    demo_run: tuple[int, str, Path],
+    output: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # refused up front, before any file is read or written
+    _, _, out = demo_run
+    target = tmp_path / "new_dir" / output
+    assert zipf_fit_main([str(out), "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and ".png" in err and "Traceback" not in err
+    assert not (tmp_path / "new_dir").exists()
+    assert zipf_fit_main([str(tmp_path / "missing"), "--output", output]) == 2
+    assert "suffix" in capsys.readouterr().err
 
 
 def test_run_demo_python_api(tmp_path: Path) -> None:
     results = run_demo(
-        DemoConfig(
-            d_in=8,
-            n_features=32,
-            d_sae=32,
-            k=2,
-            training_samples=2048,
-            batch_size=256,
-            calibration_samples=512,
-            eval_samples=512,
-        ),
+        DemoConfig(**{**TINY_DEMO, "training_samples": 2048}),
         architectures=("mutual_choice",),
         output_dir=tmp_path,
         show_progress=False,
     )
-    assert [m.name for m in results.models] == ["mutual_choice"]
+    assert [m.name for m in results.models] == ["mutual_choice", "mutual_choice_recalibrated"]
     assert results.models[0].densities.shape == (32,)
+    assert results.models[0].explained_variance == 1 - results.models[0].nmse
     assert (tmp_path / "results.json").exists()
     assert results.to_dict()["config"]["architectures"] == ["mutual_choice"]
 
 
+def test_architecture_table() -> None:
+    assert tuple(ARCHITECTURE_TABLE) == ARCHITECTURES
+    built = {name: training_config(name, d_in=8, d_sae=32, k=2.4) for name in ARCHITECTURES}
+    assert {name: cfg.architecture() for name, cfg in built.items()} == {
+        "topk": "topk",
+        "batchtopk": "batchtopk",
+        "mutual_choice": "mutual_choice",
+        "feature_choice_uniform": "feature_choice",
+        "feature_choice_zipf": "feature_choice",
+    }
+    assert built["topk"].k == 2 and built["batchtopk"].k == 2.4  # TopK's k is a count
+    assert built["mutual_choice"].aux_loss == "aux_zipf"
+    assert built["feature_choice_uniform"].capacity == "uniform"
+    assert built["feature_choice_zipf"].capacity == "zipf"
+    # a variant adds options; the table itself is unchanged
+    row = ARCHITECTURE_TABLE["mutual_choice"].variant("mc_aux_k", "MC (aux_k)", aux_loss="aux_k")
+    table = {**ARCHITECTURE_TABLE, row.name: row}
+    assert training_config("mc_aux_k", d_in=8, d_sae=32, k=2, table=table).aux_loss == "aux_k"
+    assert "mc_aux_k" not in ARCHITECTURE_TABLE
+    with pytest.raises(ValueError, match="architecture"):
+        training_config("mc_aux_k", d_in=8, d_sae=32, k=2)
+
+
 def test_training_data_order_is_reproducible() -> None:
     cfg = DemoConfig(d_in=8, n_features=32, d_sae=32, batch_size=64)
-    data = _SyntheticData(cfg)
+    data = SyntheticData(cfg)
     first = next(data.train_provider())
     provider = data.train_provider()
     torch.manual_seed(123)  # other random draws must not change the data
@@ -211,6 +243,7 @@ def test_training_data_order_is_reproducible() -> None:
         (["--training-samples", "100", "--batch-size", "256"], "no training step"),
         (["--architectures", "sparse_magic"], "invalid choice"),
         (["--device", "nonsense"], "--device"),
+        (["--scale", "0"], "must be a finite number > 0"),
     ],
 )
 def test_demo_bad_flags_exit_2(
@@ -221,6 +254,22 @@ def test_demo_bad_flags_exit_2(
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "o").exists()  # nothing written before the settings are checked
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("firing_min_prob", 0.5, "firing_min_prob must be a finite number > 0 and < 0.3"),
+        ("lr_decay_fraction", 1.0, "lr_decay_fraction"),
+        ("seed", -1, "--seed must be an integer >= 0"),
+        ("architectures", ("topk", "nope"), "--architectures must be one of"),
+        ("threads", 0, "--threads"),
+    ],
+)
+def test_run_demo_bad_settings(field: str, value: object, message: str, tmp_path: Path) -> None:
+    with pytest.raises(DemoError, match=message):
+        run_demo(DemoConfig(**TINY_DEMO), output_dir=tmp_path / "o", **{field: value})
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -12,8 +12,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from helpers import TINY_DEMO
 
 import sae_lens_choice
+from sae_lens_choice.demo import ARCHITECTURES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -41,21 +43,13 @@ def test_synthetic_quickstart_runs_at_tiny_scale(
 ) -> None:
     module = import_example("synthetic_quickstart.py")
     cfg = module.build_config()
-    assert cfg.architectures == sae_lens_choice.demo.ARCHITECTURES
-    results = module.main(
-        d_in=8,
-        n_features=32,
-        d_sae=32,
-        k=2,
-        training_samples=2048,
-        batch_size=256,
-        calibration_samples=512,
-        eval_samples=512,
-        output_dir=tmp_path,
-        show_progress=False,
-    )
-    assert {m.name for m in results.models} >= {"mutual_choice", "feature_choice_zipf"}
-    assert "per-token L0" in capsys.readouterr().out
+    assert cfg.architectures == ARCHITECTURES
+    results = module.main(**TINY_DEMO, output_dir=tmp_path, show_progress=False)
+    names = [m.name for m in results.models]
+    assert {"mutual_choice", "feature_choice_zipf", "mutual_choice_recalibrated"} <= set(names)
+    out = capsys.readouterr().out
+    assert "per-token L0" in out
+    assert all(name in out for name in names)
 
 
 def test_gpt2_mutual_choice_builds_config() -> None:
