@@ -228,7 +228,9 @@ def test_underused_mask_flags_dead_latents_for_any_positive_gamma() -> None:
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
 def test_underused_mask_rejects_gamma_outside_unit_interval(gamma: float) -> None:
     d = _zipf_densities(1.0, 10.0, n=100)
-    with pytest.raises(ValueError, match=r"gamma \(zipf_underuse_ratio\) must be a finite number >= 0 and <= 1"):
+    with pytest.raises(
+        ValueError, match=r"gamma \(zipf_underuse_ratio\) must be a finite number >= 0 and <= 1"
+    ):
         underused_mask(d, fit_zipf(d), gamma)
 
 
