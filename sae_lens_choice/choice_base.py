@@ -39,6 +39,7 @@ from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
 
+from sae_lens_choice import distributed
 from sae_lens_choice.allocation import ChoicePairs, pairs_to_dense
 from sae_lens_choice.losses import (
     aux_candidate_mask,
@@ -305,6 +306,7 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         # moves); the checkpointed training_steps is exact.
         self._step_offset: int | None = None
         self.register_load_state_dict_post_hook(_reset_step_offset)
+        self._rank_sizes: list[int] | None = None
         # set by calibrate_thresholds, cleared by the next training step
         self._thresholds_calibrated = False
 
@@ -387,23 +389,48 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         """Pre-activations exactly as SAELens's TopK computes them."""
         return choice_hidden_pre(self, sae_in)
 
-    def select(self, scores: torch.Tensor) -> ChoicePairs:
-        """The (token, latent) pairs the allocation keeps for these scores (no autograd)."""
+    def select(self, scores: torch.Tensor, rank_sizes: list[int] | None = None) -> ChoicePairs:
+        """The (token, latent) pairs the allocation keeps for these scores (no autograd).
+
+        ``rank_sizes``: the tokens of every data-parallel rank when the batch is
+        split across ranks (``sae_lens_choice.distributed``): the selection is
+        then the exact one over the whole batch, and this rank gets its pairs.
+        """
         raise NotImplementedError
 
+    def rank_sizes(self, n_tokens: int) -> list[int] | None:
+        """Tokens per data-parallel rank, or ``None`` outside ``torch.distributed``.
+
+        Gathered once (one tiny all-gather), then assumed: SAELens's trainer
+        gives every rank batches of a fixed size.
+        """
+        if not distributed.is_distributed():
+            return None
+        if self._rank_sizes is None:
+            self._rank_sizes = distributed.gather_sizes(n_tokens)
+        if self._rank_sizes[distributed.dist.get_rank()] != n_tokens:
+            raise ValueError(
+                f"{self.cfg.architecture()}: this rank's batch changed size to {n_tokens} "
+                f"tokens after {self._rank_sizes}; data-parallel training needs batches "
+                "of a fixed size on every rank"
+            )
+        return self._rank_sizes
+
     @torch.no_grad()
-    def choose(self, sae_in: torch.Tensor, hidden_pre: torch.Tensor) -> ChoicePairs:
+    def choose(
+        self, sae_in: torch.Tensor, hidden_pre: torch.Tensor, rank_sizes: list[int] | None = None
+    ) -> ChoicePairs:
         """The pairs this batch keeps, ranked by ``cfg.allocation_score``.
 
         Returns the pairs with their ``hidden_pre`` values (0 for padding).
         """
         if self.cfg.allocation_score == "hidden_pre":
-            return self.select(hidden_pre)
+            return self.select(hidden_pre, rank_sizes)
         d_sae = hidden_pre.shape[-1]
         flat = hidden_pre.detach().reshape(-1, d_sae)  # (N, F)
         # ||x - b_dec|| of each token in the SAE's input space (after any normalisation)
         norms = sae_in.detach().reshape(flat.shape[0], -1).norm(dim=-1, keepdim=True)  # (N, 1)
-        pairs = self.select(flat / norms.clamp(min=1e-6))
+        pairs = self.select(flat / norms.clamp(min=1e-6), rank_sizes)
         values = flat[pairs.token_idx, pairs.latent_idx]  # (P,)
         return pairs._replace(values=torch.where(pairs.kept(), values, values.new_zeros(())))
 
@@ -433,7 +460,10 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
 
         sae_in = self.process_sae_in(step_input.sae_in)  # (N, d_in), normalised, minus b_dec
         hidden_pre = self.compute_hidden_pre(sae_in)  # (N, F)
-        pairs = self.choose(sae_in, hidden_pre)
+        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
+        # data-parallel: the exact selection over all ranks' tokens
+        rank_sizes = self.rank_sizes(n_tokens)
+        pairs = self.choose(sae_in, hidden_pre, rank_sizes)
         feature_acts = self.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))  # (N, F)
         # decode() in steps, to keep the reconstruction in the normalised space
         # for the aux loss: sae_out_pre is what the SAE predicts for the
@@ -461,8 +491,8 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         loss = sum(losses.values(), torch.zeros((), device=mse_loss.device, dtype=mse_loss.dtype))
 
         with torch.no_grad(), torch.autocast(hidden_pre.device.type, enabled=False):
-            n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
-            self._update_state(step_input.sae_in, pairs, n_tokens, loss.detach())
+            n_batch = n_tokens if rank_sizes is None else sum(rank_sizes)
+            self._update_state(step_input.sae_in, pairs, n_batch, loss.detach())
         output = TrainStepOutput(
             sae_in=step_input.sae_in,
             sae_out=sae_out,
@@ -479,9 +509,14 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
     def _update_state(
         self, sae_in: torch.Tensor, pairs: ChoicePairs, n_tokens: int, loss: torch.Tensor
     ) -> None:
-        """Fold this batch into the EMAs, the calibration buffer and the counters."""
+        """Fold this batch into the EMAs, the calibration buffer and the counters.
+
+        ``n_tokens``: of the whole batch (all data-parallel ranks); the counts and
+        smallest values are reduced over ranks, so every rank holds the same state.
+        """
         decay = self.cfg.density_ema_decay
-        density = pairs.latent_counts(self.cfg.d_sae).to(torch.float32) / n_tokens  # (F,)
+        counts = distributed.all_reduce_latent_counts(pairs, self.cfg.d_sae)  # (F,)
+        density = counts.to(torch.float32) / n_tokens
         self.latent_density_ema.mul_(decay).add_(density, alpha=1 - decay)
         self._update_thresholds(pairs)
         self._record_calibration_tokens(sae_in)

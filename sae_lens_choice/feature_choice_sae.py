@@ -13,7 +13,6 @@ with one threshold per latent; the 0.1.0 inference architecture
 # resolves config field annotations such as `Capacity` at run time, in
 # the modules of the base classes, where these aliases are not defined.
 
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,6 +40,7 @@ from sae_lens_choice.choice_base import (
     ChoiceTrainingSAE,
     ChoiceTrainingSAEConfig,
 )
+from sae_lens_choice.distributed import feature_choice_pairs_distributed, global_smallest_value
 from sae_lens_choice.validation import check_choice
 
 Capacity = Literal["zipf", "uniform"]
@@ -132,16 +132,18 @@ class FeatureChoice(nn.Module):
             self._cache[key] = (c.to(device), plan)
         return self._cache[key]
 
-    def pairs(
+    def capacities(
         self,
-        hidden_pre: torch.Tensor,
+        n_tokens: int,
+        device: torch.device,
         offset: float | torch.Tensor | None = None,
         ranking: torch.Tensor | None = None,
-    ) -> ChoicePairs:
-        """The kept (token, latent) pairs (no autograd).
+    ) -> tuple[torch.Tensor, FeatureChoicePlan]:
+        """A batch's integer capacities (F,) and the plan to select with them.
 
         Args:
-            hidden_pre: (..., F) pre-activations.
+            n_tokens: tokens in the batch (of all data-parallel ranks).
+            device: where the capacities go.
             offset: the capacity-rounding offset in [0, 1) (a 0-d tensor on the
                 device in training, see ``allocation.rounding_offset``); drawn
                 from ``generator`` (or torch's global RNG) when ``None``.
@@ -149,8 +151,7 @@ class FeatureChoice(nn.Module):
                 them gets the i-th largest capacity (``capacity_order=
                 "density_rank"``). ``None``: latent j gets capacity j.
         """
-        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
-        c, plan = self.capacities_and_plan(n_tokens, hidden_pre.device)
+        c, plan = self.capacities_and_plan(n_tokens, device)
         capacities = round_capacities(c, generator=self.generator, offset=offset)
         if ranking is not None:
             # c is non-increasing over its index (Zipf, uniform), so its plan has
@@ -158,6 +159,17 @@ class FeatureChoice(nn.Module):
             assert plan.order is None
             plan = FeatureChoicePlan(plan.d_sae, plan.n_tokens, plan.groups, ranking)
             capacities = torch.empty_like(capacities).scatter_(0, ranking, capacities)
+        return capacities, plan
+
+    def pairs(
+        self,
+        hidden_pre: torch.Tensor,
+        offset: float | torch.Tensor | None = None,
+        ranking: torch.Tensor | None = None,
+    ) -> ChoicePairs:
+        """The kept (token, latent) pairs of this batch (no autograd); see :meth:`capacities`."""
+        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
+        capacities, plan = self.capacities(n_tokens, hidden_pre.device, offset, ranking)
         return feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=self.validate)
 
     @override
@@ -245,11 +257,19 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
         return hidden_pre
 
     @override
-    def select(self, scores: torch.Tensor) -> ChoicePairs:
+    def select(self, scores: torch.Tensor, rank_sizes: list[int] | None = None) -> ChoicePairs:
         # the offset of this step, computed on the device from the checkpointed
-        # step counter (no read-back)
+        # step counter (no read-back): the same on every data-parallel rank
         offset = rounding_offset(self.training_steps)
-        return self.activation_fn.pairs(scores, offset=offset, ranking=self.capacity_ranking())
+        ranking = self.capacity_ranking()
+        if rank_sizes is None:
+            return self.activation_fn.pairs(scores, offset=offset, ranking=ranking)
+        capacities, plan = self.activation_fn.capacities(
+            sum(rank_sizes), scores.device, offset, ranking
+        )
+        return feature_choice_pairs_distributed(
+            scores, capacities, plan=plan, rank_sizes=rank_sizes, validate=False
+        )
 
     def capacity_ranking(self) -> torch.Tensor | None:
         """Latents from the densest down, when capacities follow the density rank.
@@ -263,7 +283,7 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
 
     @override
     def _update_thresholds(self, pairs: ChoicePairs) -> None:
-        self._ema(self.threshold, pairs.smallest_value(self.cfg.d_sae))
+        self._ema(self.threshold, global_smallest_value(pairs, self.cfg.d_sae))
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ faster exact selection on CPU. The 0.1.0 inference architecture
 # resolves config field annotations such as `Capacity` at run time, in
 # the modules of the base classes, where these aliases are not defined.
 
-
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,6 +34,7 @@ from sae_lens_choice.choice_base import (
     ChoiceTrainingSAE,
     ChoiceTrainingSAEConfig,
 )
+from sae_lens_choice.distributed import global_smallest_value, mutual_choice_pairs_distributed
 from sae_lens_choice.validation import check_choice
 
 METHODS: tuple[str, ...] = ("auto", "candidates", "flat")
@@ -115,12 +115,21 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
         return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
 
     @override
-    def select(self, scores: torch.Tensor) -> ChoicePairs:
-        return self.activation_fn.pairs(scores)
+    def select(self, scores: torch.Tensor, rank_sizes: list[int] | None = None) -> ChoicePairs:
+        if rank_sizes is None:
+            return self.activation_fn.pairs(scores)
+        method = self.cfg.allocation_method
+        return mutual_choice_pairs_distributed(
+            scores,
+            self.cfg.k,
+            rank_sizes=rank_sizes,
+            method="full" if method == "flat" else method,
+            validate=False,
+        )
 
     @override
     def _update_thresholds(self, pairs: ChoicePairs) -> None:
-        self._ema(self.threshold, pairs.smallest_value())
+        self._ema(self.threshold, global_smallest_value(pairs))
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:
