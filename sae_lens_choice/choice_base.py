@@ -39,7 +39,7 @@ from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
 
-from sae_lens_choice import distributed
+from sae_lens_choice import distributed, sparse
 from sae_lens_choice.allocation import ChoicePairs, pairs_to_dense
 from sae_lens_choice.losses import (
     aux_candidate_mask,
@@ -58,6 +58,8 @@ from sae_lens_choice.zipf import (
 
 AuxLoss = Literal["none", "aux_k", "aux_zipf"]
 AUX_LOSSES: tuple[str, ...] = ("none", "aux_k", "aux_zipf")
+StepImplementation = Literal["auto", "sparse", "dense"]
+STEP_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "sparse", "dense")
 AllocationScore = Literal["hidden_pre", "hidden_pre_over_input_norm"]
 ALLOCATION_SCORES: tuple[str, ...] = ("hidden_pre", "hidden_pre_over_input_norm")
 InferenceMode = Literal["threshold", "batch"]
@@ -182,6 +184,14 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             checkpoint) to calibrate its saved thresholds exactly under the
             final weights. Costs ``tokens * d_in`` values of memory and one
             encoder pass over them when saving. 0 saves the EMA instead.
+        step_implementation (str): ``"sparse"``: after the selection, decode and
+            differentiate from the kept (token, latent) pairs alone
+            (:mod:`sae_lens_choice.sparse`), freeing the (N, F) pre-activations;
+            ``"dense"``: through (N, F) tensors, as SAELens's TopK;
+            ``"auto"`` (default): sparse where it was measured faster
+            (:func:`sparse_step_pays`). Both give the same outputs and
+            gradients. SAELens's ``use_sparse_activations=True`` means
+            ``"sparse"``.
         check_finite_every (int): every this many steps (and on logging steps)
             the step reads back whether any loss so far was NaN or inf, and
             stops training naming the first such step; 0 checks on logging
@@ -198,6 +208,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     density_ema_decay: float = 0.99
     threshold_ema_rate: float = 0.01
     threshold_calibration_tokens: int = 32_768
+    step_implementation: StepImplementation = "auto"
     check_finite_every: int = 100
 
     def __post_init__(self):
@@ -209,6 +220,18 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         """Check this package's fields (subclasses add theirs)."""
         owner = _owner(self)
         check_bool(self.use_sparse_activations, "use_sparse_activations", owner=owner)
+        check_choice(
+            self.step_implementation, "step_implementation", STEP_IMPLEMENTATIONS, owner=owner
+        )
+        if self.use_sparse_activations:
+            if self.step_implementation == "dense":
+                fail(
+                    "use_sparse_activations",
+                    "= True asks for the sparse step but step_implementation is 'dense'; "
+                    "drop one of them",
+                    owner,
+                )
+            self.step_implementation = "sparse"
         if self.decoder_init_norm is not None:
             check_number(self.decoder_init_norm, "decoder_init_norm", owner=owner, gt=0)
         check_choice(self.allocation_score, "allocation_score", ALLOCATION_SCORES, owner=owner)
@@ -244,6 +267,16 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         # Saved as SAELens's own JumpReLU, as batchtopk is: loads without this
         # package. Our fields go into metadata["training_architecture_details"].
         return JumpReLUSAEConfig
+
+
+def sparse_step_pays(d_in: int, d_sae: int) -> bool:
+    """Whether the sparse training step is the faster one at this size (``"auto"``).
+
+    From ``python -m benchmarks.step_time --crossover`` (2-core CPU, float32):
+    the sparse step's fixed costs (sorting the pairs, the layout) outweigh the
+    dense decode only for SAEs too small to matter.
+    """
+    return d_sae >= 1024 and d_in >= 64
 
 
 # ---------------------------------------------------------------------------
@@ -450,8 +483,32 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
             self._step_offset = int(self.training_steps) - n_training_steps
         return n_training_steps + self._step_offset
 
+    def use_sparse_step(self) -> bool:
+        """Whether the training step decodes from the kept pairs (see ``step_implementation``).
+
+        The dense step runs whenever a hook is registered on ``hook_sae_acts_pre``
+        or ``hook_sae_acts_post``: they see the (N, F) tensors, which the sparse
+        step never builds.
+        """
+        choice = self.cfg.step_implementation
+        if choice == "auto":
+            choice = "sparse" if sparse_step_pays(self.cfg.d_in, self.cfg.d_sae) else "dense"
+        if choice == "dense":
+            return False
+        hooked = (self.hook_sae_acts_pre, self.hook_sae_acts_post)
+        return not any(h._forward_hooks or h._backward_hooks for h in hooked)
+
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """One training step: the selection, the reconstruction, the MSE and aux losses.
+
+        The sparse step (:meth:`use_sparse_step`) computes the (N, F)
+        pre-activations without autograd, selects, frees them, and decodes and
+        differentiates from the kept pairs only (:mod:`sae_lens_choice.sparse`):
+        its ``feature_acts`` is a sparse COO tensor (SAELens's trainer takes one)
+        and its ``hidden_pre`` holds the kept pre-activations, one per pair.
+        Outputs and gradients equal the dense step's.
+        """
         self._thresholds_calibrated = False
         step = self._step(step_input.n_training_steps)
         every = self.cfg.check_finite_every
@@ -459,38 +516,37 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
             self.raise_if_nonfinite()
 
         sae_in = self.process_sae_in(step_input.sae_in)  # (N, d_in), normalised, minus b_dec
-        hidden_pre = self.compute_hidden_pre(sae_in)  # (N, F)
-        n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
+        n_tokens = sae_in.numel() // sae_in.shape[-1]
         # data-parallel: the exact selection over all ranks' tokens
         rank_sizes = self.rank_sizes(n_tokens)
-        pairs = self.choose(sae_in, hidden_pre, rank_sizes)
-        feature_acts = self.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))  # (N, F)
-        # decode() in steps, to keep the reconstruction in the normalised space
-        # for the aux loss: sae_out_pre is what the SAE predicts for the
-        # normalised input before b_dec is removed.
-        sae_out_pre = self.hook_sae_recons(
-            act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
-            + self.b_dec
+        with torch.no_grad():
+            candidates = self.aux_candidates(step_input.dead_neuron_mask, step)
+        forward = self._sparse_forward if self.use_sparse_step() else self._dense_forward
+        pairs, feature_acts, hidden_pre, sae_out_pre, aux_recons = forward(
+            sae_in, rank_sizes, candidates
         )
+        sae_out_pre = self.hook_sae_recons(sae_out_pre)
         sae_out = self.reshape_fn_out(
             self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head
         )
 
         mse_loss = self.mse_loss_fn(sae_out, step_input.sae_in).sum(dim=-1).mean()
         losses = {"mse_loss": mse_loss}
-        normalised_in = sae_in + self.b_dec * self.cfg.apply_b_dec_to_input
-        losses.update(
-            self.calculate_aux_loss(
-                step_input=step_input,
-                feature_acts=feature_acts,
-                hidden_pre=hidden_pre,
-                sae_out=sae_out,
-                residual=self.reshape_fn_out(normalised_in - sae_out_pre, self.d_head),
+        if aux_recons is not None:
+            assert candidates is not None
+            # sae_out_pre is what the SAE predicts for the normalised input, before
+            # b_dec is removed: the aux loss lives in that (normalised) space
+            normalised_in = sae_in + self.b_dec * self.cfg.apply_b_dec_to_input
+            losses["auxiliary_reconstruction_loss"] = aux_reconstruction_loss(
+                self.reshape_fn_out(aux_recons, self.d_head),
+                self.reshape_fn_out(normalised_in - sae_out_pre, self.d_head),
+                candidates,
+                default_k_aux(self.cfg.d_in),
+                coefficient=self.cfg.aux_loss_coefficient,
             )
-        )
         loss = sum(losses.values(), torch.zeros((), device=mse_loss.device, dtype=mse_loss.dtype))
 
-        with torch.no_grad(), torch.autocast(hidden_pre.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(sae_in.device.type, enabled=False):
             n_batch = n_tokens if rank_sizes is None else sum(rank_sizes)
             self._update_state(step_input.sae_in, pairs, n_batch, loss.detach())
         output = TrainStepOutput(
@@ -504,6 +560,82 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         if step_input.is_logging_step:
             output.metrics.update(self._metrics(pairs, n_tokens, step_input))
         return output
+
+    def _dense_forward(
+        self, sae_in: torch.Tensor, rank_sizes: list[int] | None, candidates: torch.Tensor | None
+    ) -> tuple[ChoicePairs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pairs, feature_acts, hidden_pre, sae_out_pre, aux_recons) through (N, F) tensors."""
+        hidden_pre = self.compute_hidden_pre(sae_in)  # (N, F)
+        pairs = self.choose(sae_in, hidden_pre, rank_sizes)
+        feature_acts = self.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))  # (N, F)
+        sae_out_pre = (
+            act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+            + self.b_dec
+        )
+        aux_recons = None
+        if candidates is not None:
+            aux_recons = self._dense_aux_reconstruction(hidden_pre, candidates)
+        return pairs, feature_acts, hidden_pre, sae_out_pre, aux_recons
+
+    def _dense_aux_reconstruction(
+        self, hidden_pre: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        # The candidates' top d_in // 2 per token, decoded without bias.
+        k_aux = default_k_aux(self.cfg.d_in)
+        W_dec = self.W_dec
+        mask = candidates.to(torch.bool)
+        if hidden_pre.device.type == "cpu":
+            # On CPU reading the candidates back costs nothing, so the loss runs on
+            # the candidate latents alone: the same value and gradients as the
+            # masked (N, F) computation, at N x n_candidates cost. (On
+            # accelerators the read-back would stall the stream.)
+            index = mask.nonzero().squeeze(1)  # (n,)
+            hidden_pre = hidden_pre.index_select(-1, index)  # (..., n)
+            W_dec = W_dec.index_select(0, index)  # (n, d_in)
+            mask = torch.ones_like(index, dtype=torch.bool)
+        values, indices = aux_topk(hidden_pre, mask, k_aux)
+        aux_acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values)
+        return act_times_W_dec(aux_acts, W_dec, self.cfg.rescale_acts_by_decoder_norm)
+
+    def _sparse_forward(
+        self, sae_in: torch.Tensor, rank_sizes: list[int] | None, candidates: torch.Tensor | None
+    ) -> tuple[ChoicePairs, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The same as :meth:`_dense_forward`, from the kept pairs alone."""
+        rescale = self.cfg.rescale_acts_by_decoder_norm
+        b_enc: torch.Tensor = self.b_enc
+        aux_pairs = aux_kept = index = None
+        with torch.no_grad():
+            hidden_pre = self.compute_hidden_pre(sae_in)  # (N, F), no graph
+            pairs = self.choose(sae_in, hidden_pre, rank_sizes)
+            if candidates is not None:
+                if hidden_pre.device.type == "cpu":
+                    index = candidates.to(torch.bool).nonzero().squeeze(1)  # read-back: free on CPU
+                else:
+                    aux_pairs, aux_kept = sparse.aux_topk_pairs(
+                        hidden_pre, candidates, default_k_aux(self.cfg.d_in), compact=False
+                    )
+            del hidden_pre  # the step holds nothing (N, F) from here on
+        sae_out_pre, acts = sparse.sparse_encode_decode(
+            sae_in, self.W_enc, b_enc, self.W_dec, self.b_dec, pairs,
+            rescale_acts_by_decoder_norm=rescale,
+        )  # fmt: skip
+        n_tokens = sae_in.numel() // sae_in.shape[-1]
+        feature_acts = self.hook_sae_acts_post(
+            sparse.sparse_feature_acts(pairs, acts, (n_tokens, self.cfg.d_sae))
+        )
+        aux_recons = None
+        if index is not None:
+            # few candidates: their (N, n_c) pre-activations recomputed densely
+            aux_recons = sparse.aux_candidate_reconstruction(
+                sae_in, self.W_enc, b_enc, self.W_dec, index, default_k_aux(self.cfg.d_in),
+                rescale_acts_by_decoder_norm=rescale,
+            )  # fmt: skip
+        elif aux_pairs is not None:
+            aux_recons = sparse.sparse_encode_decode(
+                sae_in, self.W_enc, b_enc, self.W_dec, None, aux_pairs,
+                rescale_acts_by_decoder_norm=rescale, kept=aux_kept,
+            )[0]  # fmt: skip
+        return pairs, feature_acts, acts.detach(), sae_out_pre, aux_recons
 
     @torch.no_grad()
     def _update_state(
@@ -610,7 +742,9 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
     def aux_candidates(
         self, dead_neuron_mask: torch.Tensor | None, step: int
     ) -> torch.Tensor | None:
-        """The latents that take part in the auxiliary loss this step."""
+        """The latents that take part in the auxiliary loss this step (None: no aux loss)."""
+        if self.cfg.aux_loss == "none":
+            return None
         if self.cfg.aux_loss != "aux_zipf" or self.cfg.zipf_underuse_ratio == 0:
             return dead_neuron_mask
         if step % self.cfg.zipf_refit_every == 0:
@@ -633,44 +767,28 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         feature_acts: torch.Tensor,
         hidden_pre: torch.Tensor,
         sae_out: torch.Tensor,
-        residual: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``aux_k`` / ``aux_zipf``: the candidates' top ``d_in // 2`` reconstruct the residual.
+        """``aux_k`` / ``aux_zipf`` as SAELens's ``TrainingSAE`` API computes it.
 
-        ``residual``: what the kept latents left unexplained, in the space the
-        SAE reconstructs (normalised when ``normalize_activations`` normalises
-        each token, reshaped as the output); ``sae_in - sae_out`` by default.
+        The candidates' top ``d_in // 2`` pre-activations per token reconstruct
+        ``sae_in - sae_out``. (The training step computes the same loss itself,
+        in the normalised space when ``normalize_activations`` normalises each
+        token, and from the kept pairs in the sparse step.)
         """
-        if self.cfg.aux_loss == "none":
-            return {}
-        if residual is None:
-            residual = step_input.sae_in - sae_out
         with torch.no_grad():
             step = self._step(step_input.n_training_steps)
             candidates = self.aux_candidates(step_input.dead_neuron_mask, step)
         if candidates is None:
             return {}
-        k_aux = default_k_aux(self.cfg.d_in)
-        W_dec = self.W_dec
-        mask = candidates.to(torch.bool)
-        if hidden_pre.device.type == "cpu":
-            # On CPU reading the candidates back costs nothing, so the loss runs
-            # on the candidate latents alone: the same value and gradients as the
-            # masked (N, F) computation, at N x n_candidates cost. (On
-            # accelerators the read-back would stall the stream.)
-            index = mask.nonzero().squeeze(1)  # (n,)
-            if index.numel() == 0:
-                return {"auxiliary_reconstruction_loss": sae_out.new_zeros(())}
-            hidden_pre = hidden_pre.index_select(-1, index)  # (..., n)
-            W_dec = W_dec.index_select(0, index)  # (n, d_in)
-            values, indices = aux_topk(hidden_pre, torch.ones_like(index, dtype=torch.bool), k_aux)
-        else:
-            values, indices = aux_topk(hidden_pre, mask, k_aux)
-        aux_acts = torch.zeros_like(hidden_pre).scatter(-1, indices, values)
-        recons = act_times_W_dec(aux_acts, W_dec, self.cfg.rescale_acts_by_decoder_norm)
-        recons = self.reshape_fn_out(recons, self.d_head)
+        recons = self.reshape_fn_out(
+            self._dense_aux_reconstruction(hidden_pre, candidates), self.d_head
+        )
         loss = aux_reconstruction_loss(
-            recons, residual, mask, k_aux, coefficient=self.cfg.aux_loss_coefficient
+            recons,
+            step_input.sae_in - sae_out,
+            candidates,
+            default_k_aux(self.cfg.d_in),
+            coefficient=self.cfg.aux_loss_coefficient,
         )
         return {"auxiliary_reconstruction_loss": loss}
 
