@@ -34,7 +34,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAE, SAEConfig, TrainStepInput, TrainStepOutput
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig, act_times_W_dec
+from sae_lens.saes.topk_sae import (
+    TopKSAE,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+    act_times_W_dec,
+)
 from sae_lens.util import str_to_dtype
 from torch import nn
 from typing_extensions import override
@@ -967,20 +972,28 @@ class ChoiceSAEConfig(SAEConfig):
     def __post_init__(self):
         validate_sae_fields(self)
         super().__post_init__()
+        self.validate_choice_fields()
+
+    def validate_choice_fields(self) -> None:
+        """Check this package's fields (the architecture's field mixin adds its own)."""
         check_choice(self.inference_mode, "inference_mode", INFERENCE_MODES, owner=_owner(self))
 
 
-class ChoiceSAE(SAE[Any]):
-    """0.1.0's inference SAE: a JumpReLU with choice thresholds, plus an exact batch mode."""
+class ChoiceSAE(TopKSAE):
+    """0.1.0's inference SAE: a JumpReLU with choice thresholds, plus an exact batch mode.
 
-    cfg: ChoiceSAEConfig
+    A TopK inference SAE but for the activation: TopK's decoding, its
+    ``b_enc`` and its whitening fold (which folds the decoder norms first,
+    through our :meth:`fold_W_dec_norm`, so thresholds follow).
+    """
+
+    cfg: ChoiceSAEConfig  # type: ignore[assignment]
     b_enc: nn.Parameter
     threshold: torch.Tensor
 
     @override
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        self.b_enc = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
         self.register_buffer(
             "threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
         )
@@ -1036,17 +1049,6 @@ class ChoiceSAE(SAE[Any]):
         else:
             acts = jumprelu(hidden_pre, self.threshold)
         return self.hook_sae_acts_post(acts)
-
-    @override
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the input, as SAELens's TopK SAE decodes."""
-        sae_out_pre = (
-            act_times_W_dec(feature_acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
-            + self.b_dec
-        )
-        sae_out_pre = self.hook_sae_recons(sae_out_pre)
-        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
-        return self.reshape_fn_out(sae_out_pre, self.d_head)
 
     def expected_state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every tensor a saved state dict must hold."""
@@ -1125,22 +1127,6 @@ class ChoiceSAE(SAE[Any]):
             # W_enc grew by s, |W_dec| shrank by s: hidden_pre is unchanged
             # before the norm factor and shrinks by s after it.
             self.threshold.div_(scaling_factor)
-
-    @override
-    @torch.no_grad()
-    def fold_activation_whitening(
-        self,
-        mean: torch.Tensor,
-        whitening_matrix: torch.Tensor,
-        unwhitening_matrix: torch.Tensor,
-    ) -> None:
-        if self.cfg.rescale_acts_by_decoder_norm:
-            # Unwhitening changes decoder row norms, hence hidden_pre; folding the
-            # norms first (thresholds unchanged, see fold_W_dec_norm) makes the
-            # encoder independent of them, as SAELens's TopK does.
-            self.fold_W_dec_norm()
-            self.cfg.rescale_acts_by_decoder_norm = False
-        super().fold_activation_whitening(mean, whitening_matrix, unwhitening_matrix)
 
 
 __all__ = [

@@ -178,7 +178,33 @@ class FeatureChoice(nn.Module):
 
 
 @dataclass
-class FeatureChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
+class FeatureChoiceFields:
+    """The fields Feature Choice adds to both its configs (training, 0.1.0 inference).
+
+    Args:
+        capacity (str): ``"zipf"`` or ``"uniform"``.
+        zipf_alpha (float): Zipf exponent of the capacities, > 0.
+        zipf_beta (float): Zipf–Mandelbrot offset of the capacities, > -1.
+    """
+
+    capacity: Capacity = "zipf"
+    zipf_alpha: float = 1.0
+    zipf_beta: float = 0.0
+
+    @classmethod
+    def architecture(cls) -> str:
+        """SAELens's architecture name."""
+        return "feature_choice"
+
+    def validate_choice_fields(self) -> None:
+        """The base config's checks, then this architecture's."""
+        super().validate_choice_fields()  # type: ignore[misc]
+        check_choice(self.capacity, "capacity", CAPACITIES, owner="feature_choice config")
+        check_zipf_parameters(self.zipf_alpha, self.zipf_beta, owner="feature_choice config")
+
+
+@dataclass
+class FeatureChoiceTrainingSAEConfig(FeatureChoiceFields, ChoiceTrainingSAEConfig):
     """Configuration for training a Feature Choice SAE (``architecture="feature_choice"``).
 
     Latent j keeps its m_j largest tokens of the batch, with sum m_j = k * N.
@@ -198,24 +224,14 @@ class FeatureChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
     """
 
     aux_loss: Any = "none"
-    capacity: Capacity = "zipf"
     capacity_order: CapacityOrder = "index"
-    zipf_alpha: float = 1.0
-    zipf_beta: float = 0.0
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "feature_choice"
 
     @override
     def validate_choice_fields(self) -> None:
         super().validate_choice_fields()
-        check_choice(self.capacity, "capacity", CAPACITIES, owner="feature_choice config")
         check_choice(
             self.capacity_order, "capacity_order", CAPACITY_ORDERS, owner="feature_choice config"
         )
-        check_zipf_parameters(self.zipf_alpha, self.zipf_beta, owner="feature_choice config")
 
 
 class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
@@ -324,7 +340,7 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
 
 
 @dataclass
-class FeatureChoiceSAEConfig(ChoiceSAEConfig):
+class FeatureChoiceSAEConfig(FeatureChoiceFields, ChoiceSAEConfig):
     """0.1.0 inference config (``"architecture": "feature_choice"``), kept for loading.
 
     The capacity fields matter for batch mode and for
@@ -335,21 +351,6 @@ class FeatureChoiceSAEConfig(ChoiceSAEConfig):
         zipf_alpha (float): Zipf exponent of the capacities, > 0.
         zipf_beta (float): Zipf–Mandelbrot offset of the capacities, > -1.
     """
-
-    capacity: Capacity = "zipf"
-    zipf_alpha: float = 1.0
-    zipf_beta: float = 0.0
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "feature_choice"
-
-    @override
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(self.capacity, "capacity", CAPACITIES, owner="feature_choice config")
-        check_zipf_parameters(self.zipf_alpha, self.zipf_beta, owner="feature_choice config")
 
 
 class FeatureChoiceSAE(ChoiceSAE):

@@ -12,12 +12,12 @@ capacities.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAE
 
+from sae_lens_choice._moved import moved_names
 from sae_lens_choice.allocation import mutual_choice_pairs, pairs_to_dense
 from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE, choice_hidden_pre
 from sae_lens_choice.feature_choice_sae import FeatureChoice
@@ -104,25 +104,14 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
 
 
 # Names this module held in 0.1.0, now in the per-architecture modules.
-_MOVED = {
-    "MutualChoiceSAE": "sae_lens_choice.mutual_choice_sae",
-    "MutualChoiceSAEConfig": "sae_lens_choice.mutual_choice_sae",
-    "MutualChoice": "sae_lens_choice.mutual_choice_sae",
-    "FeatureChoiceSAE": "sae_lens_choice.feature_choice_sae",
-    "FeatureChoiceSAEConfig": "sae_lens_choice.feature_choice_sae",
-    "jumprelu": "sae_lens_choice.choice_base",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        warnings.warn(
-            f"sae_lens_choice.inference.{name} moved to {_MOVED[name]}.{name}; "
-            "import it from there or from sae_lens_choice",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(
+    __name__,
+    {
+        "MutualChoiceSAE": "sae_lens_choice.mutual_choice_sae",
+        "MutualChoiceSAEConfig": "sae_lens_choice.mutual_choice_sae",
+        "MutualChoice": "sae_lens_choice.mutual_choice_sae",
+        "FeatureChoiceSAE": "sae_lens_choice.feature_choice_sae",
+        "FeatureChoiceSAEConfig": "sae_lens_choice.feature_choice_sae",
+        "jumprelu": "sae_lens_choice.choice_base",
+    },
+)

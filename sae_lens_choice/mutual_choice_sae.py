@@ -67,7 +67,31 @@ class MutualChoice(nn.Module):
 
 
 @dataclass
-class MutualChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
+class MutualChoiceFields:
+    """The fields Mutual Choice adds to both its configs (training, 0.1.0 inference).
+
+    Args:
+        allocation_method (str): ``"auto"``, ``"candidates"`` or ``"flat"``;
+            see :func:`sae_lens_choice.allocation.mutual_choice`.
+    """
+
+    allocation_method: MutualChoiceMethod = "auto"
+
+    @classmethod
+    def architecture(cls) -> str:
+        """SAELens's architecture name."""
+        return "mutual_choice"
+
+    def validate_choice_fields(self) -> None:
+        """The base config's checks, then this architecture's."""
+        super().validate_choice_fields()  # type: ignore[misc]
+        check_choice(
+            self.allocation_method, "allocation_method", METHODS, owner="mutual_choice config"
+        )
+
+
+@dataclass
+class MutualChoiceTrainingSAEConfig(MutualChoiceFields, ChoiceTrainingSAEConfig):
     """Configuration for training a Mutual Choice SAE (``architecture="mutual_choice"``).
 
     The batch keeps its round(k * N) largest pre-activations, wherever they
@@ -78,20 +102,6 @@ class MutualChoiceTrainingSAEConfig(ChoiceTrainingSAEConfig):
         allocation_method (str): ``"auto"``, ``"candidates"`` or ``"flat"``;
             see :func:`sae_lens_choice.allocation.mutual_choice`.
     """
-
-    allocation_method: MutualChoiceMethod = "auto"
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "mutual_choice"
-
-    @override
-    def validate_choice_fields(self) -> None:
-        super().validate_choice_fields()
-        check_choice(
-            self.allocation_method, "allocation_method", METHODS, owner="mutual_choice config"
-        )
 
 
 class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
@@ -148,27 +158,13 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
 
 
 @dataclass
-class MutualChoiceSAEConfig(ChoiceSAEConfig):
+class MutualChoiceSAEConfig(MutualChoiceFields, ChoiceSAEConfig):
     """0.1.0 inference config (``"architecture": "mutual_choice"``), kept for loading.
 
     Args:
         allocation_method (str): batch-mode method, see
             :func:`sae_lens_choice.allocation.mutual_choice`.
     """
-
-    allocation_method: MutualChoiceMethod = "auto"
-
-    @override
-    @classmethod
-    def architecture(cls) -> str:
-        return "mutual_choice"
-
-    @override
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice(
-            self.allocation_method, "allocation_method", METHODS, owner="mutual_choice config"
-        )
 
 
 class MutualChoiceSAE(ChoiceSAE):

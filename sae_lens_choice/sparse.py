@@ -318,49 +318,19 @@ class _PairPreActs(torch.autograd.Function):
         b_enc: torch.Tensor,
         scale: torch.Tensor | None,
         values: torch.Tensor,
-        latent_idx: torch.Tensor,
-        kept: torch.Tensor,
-        token_order: torch.Tensor,
-        token_crow: torch.Tensor,
-        token_gather: torch.Tensor,
-        latent_order: torch.Tensor,
-        latent_crow: torch.Tensor,
-        latent_gather: torch.Tensor,
+        *layout: torch.Tensor,
     ) -> torch.Tensor:
+        # layout: the PairLayout's tensors, in its field order
         ctx.has_scale = scale is not None
-        ctx.save_for_backward(
-            sae_in,
-            W_enc,
-            scale,
-            values,
-            latent_idx,
-            kept,
-            token_order,
-            token_crow,
-            token_gather,
-            latent_order,
-            latent_crow,
-            latent_gather,
-        )
+        ctx.save_for_backward(sae_in, W_enc, scale, values, *layout)
         ctx.b_enc_dtype = b_enc.dtype
         return values.detach().to(W_enc.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (
-            sae_in,
-            W_enc,
-            scale,
-            values,
-            latent_idx,
-            kept,
-            token_order,
-            token_crow,
-            token_gather,
-            latent_order,
-            latent_crow,
-            latent_gather,
-        ) = ctx.saved_tensors
+        sae_in, W_enc, scale, values, *layout_tensors = ctx.saved_tensors
+        layout = PairLayout(*layout_tensors)
+        latent_idx, kept = layout.latent_idx, layout.kept
         d_sae = W_enc.shape[1]
         grad_sae_in = grad_W_enc = grad_b_enc = grad_scale = None
         with _autocast_off(grad.device.type):
@@ -377,17 +347,27 @@ class _PairPreActs(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 # rows of W_enc^T: one (F, d_in) copy makes the gathers contiguous
                 grad_sae_in = _gather_sum(
-                    W_enc.t().to(sae_in.dtype), token_gather, token_crow, token_order, g, kept
+                    W_enc.t().to(sae_in.dtype),
+                    layout.token_gather,
+                    layout.token_crow,
+                    layout.token_order,
+                    g,
+                    kept,
                 )
             if ctx.needs_input_grad[1]:
                 # (F, d_in) rows summed per latent, returned as the (d_in, F) transpose
                 grad_W_enc = _gather_sum(
-                    sae_in.to(W_enc.dtype), latent_gather, latent_crow, latent_order, g, kept
+                    sae_in.to(W_enc.dtype),
+                    layout.latent_gather,
+                    layout.latent_crow,
+                    layout.latent_order,
+                    g,
+                    kept,
                 ).t()
             if ctx.needs_input_grad[2]:
                 grad_b_enc = torch.zeros(d_sae, dtype=ctx.b_enc_dtype, device=grad.device)
                 grad_b_enc.index_add_(0, latent_idx, g.to(ctx.b_enc_dtype))
-        return (grad_sae_in, grad_W_enc, grad_b_enc, grad_scale, *([None] * 9))
+        return (grad_sae_in, grad_W_enc, grad_b_enc, grad_scale, None, *([None] * len(layout)))
 
 
 class _PairDecode(torch.autograd.Function):
@@ -398,60 +378,46 @@ class _PairDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
-        coefficients: torch.Tensor,
-        W: torch.Tensor,
-        kept: torch.Tensor,
-        token_order: torch.Tensor,
-        token_crow: torch.Tensor,
-        token_gather: torch.Tensor,
-        token_rows: torch.Tensor,
-        latent_order: torch.Tensor,
-        latent_crow: torch.Tensor,
-        latent_gather: torch.Tensor,
+        ctx, coefficients: torch.Tensor, W: torch.Tensor, *layout_tensors: torch.Tensor
     ) -> torch.Tensor:
-        ctx.save_for_backward(
-            coefficients,
-            W,
-            kept,
-            token_order,
-            token_crow,
-            token_gather,
-            token_rows,
-            latent_order,
-            latent_crow,
-            latent_gather,
-        )
+        # layout_tensors: the PairLayout's tensors, in its field order
+        ctx.save_for_backward(coefficients, W, *layout_tensors)
+        layout = PairLayout(*layout_tensors)
         with _autocast_off(W.device.type):
-            return _gather_sum(W, token_gather, token_crow, token_order, coefficients, kept)
+            return _gather_sum(
+                W,
+                layout.token_gather,
+                layout.token_crow,
+                layout.token_order,
+                coefficients,
+                layout.kept,
+            )
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        (
-            coefficients,
-            W,
-            kept,
-            token_order,
-            token_crow,
-            token_gather,
-            token_rows,
-            latent_order,
-            latent_crow,
-            latent_gather,
-        ) = ctx.saved_tensors
+        coefficients, W, *layout_tensors = ctx.saved_tensors
+        layout = PairLayout(*layout_tensors)
+        kept = layout.kept
         grad_c = grad_W = None
         with _autocast_off(grad_out.device.type):
             grad_out = grad_out.to(W.dtype)
             if ctx.needs_input_grad[0]:
-                dots = pair_dot(grad_out, W, token_rows, token_gather, token_crow)  # token order
-                grad_c = torch.empty_like(dots).scatter_(0, token_order, dots)  # caller's order
+                dots = pair_dot(  # in token order
+                    grad_out, W, layout.token_rows, layout.token_gather, layout.token_crow
+                )
+                grad_c = torch.empty_like(dots).scatter_(0, layout.token_order, dots)
                 grad_c = torch.where(kept, grad_c, torch.zeros_like(grad_c))
                 grad_c = grad_c.to(coefficients.dtype)
             if ctx.needs_input_grad[1]:
                 grad_W = _gather_sum(
-                    grad_out, latent_gather, latent_crow, latent_order, coefficients, kept
+                    grad_out,
+                    layout.latent_gather,
+                    layout.latent_crow,
+                    layout.latent_order,
+                    coefficients,
+                    kept,
                 )
-        return (grad_c, grad_W, *([None] * 8))
+        return (grad_c, grad_W, *([None] * len(layout)))
 
 
 def pair_pre_acts(
@@ -492,21 +458,7 @@ def pair_pre_acts(
             f"W_enc must be (d_in, d_sae) = ({sae_in.shape[1]}, {layout.d_sae}), "
             f"got {tuple(W_enc.shape)}"
         )
-    out = _PairPreActs.apply(
-        sae_in,
-        W_enc,
-        b_enc,
-        scale,
-        values.detach(),
-        layout.latent_idx,
-        layout.kept,
-        layout.token_order,
-        layout.token_crow,
-        layout.token_gather,
-        layout.latent_order,
-        layout.latent_crow,
-        layout.latent_gather,
-    )
+    out = _PairPreActs.apply(sae_in, W_enc, b_enc, scale, values.detach(), *layout)
     return out  # type: ignore[return-value]
 
 
@@ -525,18 +477,7 @@ def pair_decode(coefficients: torch.Tensor, W: torch.Tensor, layout: PairLayout)
     """
     if W.ndim != 2 or W.shape[0] != layout.d_sae:
         raise ValueError(f"W must be (d_sae, d) with d_sae = {layout.d_sae}, got {tuple(W.shape)}")
-    out = _PairDecode.apply(
-        coefficients.to(W.dtype),
-        W,
-        layout.kept,
-        layout.token_order,
-        layout.token_crow,
-        layout.token_gather,
-        layout.token_rows,
-        layout.latent_order,
-        layout.latent_crow,
-        layout.latent_gather,
-    )
+    out = _PairDecode.apply(coefficients.to(W.dtype), W, *layout)
     return out  # type: ignore[return-value]
 
 

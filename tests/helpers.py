@@ -14,27 +14,18 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
 
-from sae_lens_choice import (
-    FeatureChoiceSAE,
-    FeatureChoiceSAEConfig,
-    FeatureChoiceTrainingSAE,
-    FeatureChoiceTrainingSAEConfig,
-    MutualChoiceSAE,
-    MutualChoiceSAEConfig,
-    MutualChoiceTrainingSAE,
-    MutualChoiceTrainingSAEConfig,
-)
+from sae_lens_choice import REGISTRATIONS
 
 ARCHS = ("mutual_choice", "feature_choice")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: architecture -> (SAE class, config class), as the package registers them
 TRAINING_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
-    "mutual_choice": (MutualChoiceTrainingSAE, MutualChoiceTrainingSAEConfig),
-    "feature_choice": (FeatureChoiceTrainingSAE, FeatureChoiceTrainingSAEConfig),
+    arch: classes for kind, arch, classes in REGISTRATIONS if kind == "training"
 }
+#: the 0.1.0 inference classes (loading old folders)
 LEGACY_CLASSES: dict[str, tuple[type[Any], type[Any]]] = {
-    "mutual_choice": (MutualChoiceSAE, MutualChoiceSAEConfig),
-    "feature_choice": (FeatureChoiceSAE, FeatureChoiceSAEConfig),
+    arch: classes for kind, arch, classes in REGISTRATIONS if kind == "inference"
 }
 
 
