@@ -659,7 +659,9 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         self._record_calibration_tokens(sae_in)
         # The first step whose loss is not finite, kept on the device and read
         # only on the check schedule and before saving.
-        first_bad = (self.nonfinite_step < 0) & ~torch.isfinite(loss)
+        # (over all data-parallel ranks, so every rank records the same step)
+        bad = distributed.any_across_ranks(~torch.isfinite(loss))
+        first_bad = (self.nonfinite_step < 0) & bad
         self.nonfinite_step.copy_(torch.where(first_bad, self.training_steps, self.nonfinite_step))
         self.training_steps.add_(1)
 

@@ -17,7 +17,13 @@ subcommand is writing that function and adding one :data:`COMMANDS` entry.
 ``train`` is SAELens's own training CLI (``python -m
 sae_lens.llm_sae_training_runner``): the same parser, so every flag it accepts
 is accepted here, with our architectures registered and ``mutual_choice`` as
-the default ``--architecture``.
+the default ``--architecture``. Two options of ours run it data-parallel
+(:mod:`sae_lens_choice.distributed_training`)::
+
+    sae-lens-choice train --nproc-per-node 8 --device cuda ...   # re-runs itself under torchrun
+    torchrun --standalone --nproc-per-node 8 -m sae_lens_choice train --device cuda ...
+
+``--dist-timeout SECONDS`` sets how long a rank waits for the others.
 """
 
 from __future__ import annotations
@@ -37,7 +43,17 @@ if TYPE_CHECKING:
 PROG = "sae-lens-choice"
 DEFAULT_ARCHITECTURE = "mutual_choice"
 
-__all__ = ["COMMANDS", "Command", "command_prog", "main", "parse_train_args"]
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "LaunchOptions",
+    "command_prog",
+    "main",
+    "parse_train_args",
+    "split_launch_args",
+    "torchrun_command",
+    "torchrun_world_size",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "train": Command(
         help="train an SAE with SAELens's LanguageModelSAETrainingRunner "
-        "(SAELens's training flags plus ours; default --architecture mutual_choice)",
+        "(SAELens's training flags plus ours; default --architecture mutual_choice; "
+        "--nproc-per-node N trains data-parallel)",
         target="sae_lens_choice.cli:train_command",
     ),
     "demo": Command(
@@ -240,9 +257,133 @@ def parse_train_args(argv: Sequence[str]) -> LanguageModelSAERunnerConfig[Any]:
             _train_error(str(exc))
 
 
+_NPROC_FLAGS = ("--nproc-per-node", "--nproc_per_node")
+_TIMEOUT_FLAGS = ("--dist-timeout", "--dist_timeout")
+_LAUNCH_HELP = """
+data-parallel training (sae-lens-choice's own options; see "Training on several GPUs"):
+  --nproc-per-node N    train on N processes of this machine (one GPU each with --device cuda,
+                        gloo on CPU): re-runs this command under `python -m
+                        torch.distributed.run --standalone`. Under torchrun itself, leave it out.
+  --dist-timeout SECONDS
+                        how long a rank waits for the others in a collective before failing
+                        (default 600)
+"""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The ``train`` options that are not SAELens's: how to run, not what to train.
+
+    Args:
+        nproc_per_node: ``--nproc-per-node``: processes to launch (``None``: not given).
+        dist_timeout_s: ``--dist-timeout``: seconds a collective waits for the
+            other ranks (``None``: not given; the default is
+            ``distributed_training.DEFAULT_TIMEOUT_S``).
+    """
+
+    nproc_per_node: int | None = None
+    dist_timeout_s: float | None = None
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[LaunchOptions, list[str]]:
+    """Take ``--nproc-per-node`` and ``--dist-timeout`` out of ``train``'s arguments.
+
+    Accepts ``--flag VALUE`` and ``--flag=VALUE``, with dashes or underscores.
+    Returns the options and the remaining (SAELens) arguments.
+
+    Raises:
+        SystemExit: 2, naming the flag, on a missing or invalid value.
+    """
+    nproc: int | None = None
+    timeout: float | None = None
+    rest: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if name not in _NPROC_FLAGS + _TIMEOUT_FLAGS:
+            rest.append(args[i])
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                _train_error(f"argument {name}: expected one value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            if name in _NPROC_FLAGS:
+                nproc = int(value)
+                ok = nproc >= 1
+            else:
+                timeout = float(value)
+                ok = timeout > 0 and timeout != float("inf")
+        except ValueError:
+            ok = False
+        if not ok:
+            kind = "a positive integer" if name in _NPROC_FLAGS else "a positive number of seconds"
+            _train_error(f"argument {name}: expected {kind}, got {value!r}")
+    return LaunchOptions(nproc, timeout), rest
+
+
+def torchrun_command(nproc_per_node: int, train_args: Sequence[str]) -> list[str]:
+    """The command ``train --nproc-per-node N`` re-executes itself as.
+
+    ``python -m torch.distributed.run --standalone --nproc-per-node N -m
+    sae_lens_choice train ARGS``: one machine, a free rendezvous port, and each
+    worker runs ``train`` with the same arguments (without
+    ``--nproc-per-node``).
+    """
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc_per_node}", "-m", "sae_lens_choice", "train", *train_args,
+    ]  # fmt: skip
+
+
+def torchrun_world_size() -> int | None:
+    """``WORLD_SIZE`` when this process is a torchrun worker, else ``None``."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
 def train_command(argv: list[str]) -> int:
-    """``sae-lens-choice train``: parse, then run ``LanguageModelSAETrainingRunner``."""
-    cfg = parse_train_args(argv)
+    """``sae-lens-choice train``: parse, then run ``LanguageModelSAETrainingRunner``.
+
+    With ``--nproc-per-node N`` (N > 1): check the arguments, then re-execute
+    under ``torch.distributed.run`` (:func:`torchrun_command`). As a torchrun
+    worker of a world of more than one rank: train data-parallel
+    (``distributed_training.train_distributed``).
+    """
+    options, rest = split_launch_args(argv)
+    world = torchrun_world_size()
+    if options.nproc_per_node is not None and world is not None:
+        _train_error(
+            "--nproc-per-node launches torchrun, but this process already runs under torchrun "
+            f"(WORLD_SIZE={world}); leave --nproc-per-node out"
+        )
+    try:
+        cfg = parse_train_args(rest)  # arguments are checked once, before any launch
+    except SystemExit as exc:
+        if exc.code == 0 and ("--help" in rest or "-h" in rest):
+            print(_LAUNCH_HELP)
+        raise
+    timeout_args = []
+    if options.dist_timeout_s is not None:
+        timeout_args = ["--dist-timeout", repr(options.dist_timeout_s)]
+    if options.nproc_per_node is not None and options.nproc_per_node > 1:
+        command = torchrun_command(options.nproc_per_node, [*timeout_args, *rest])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(command[0], command)
+    if world is not None and world > 1:
+        from sae_lens_choice import distributed_training
+
+        kwargs = {}
+        if options.dist_timeout_s is not None:
+            kwargs["timeout_s"] = options.dist_timeout_s
+        distributed_training.train_distributed(cfg, **kwargs)
+        return 0
     from sae_lens import LanguageModelSAETrainingRunner
 
     LanguageModelSAETrainingRunner(cfg=cfg).run()

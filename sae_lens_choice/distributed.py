@@ -158,6 +158,7 @@ __all__ = [
     "CollectiveStats",
     "DistributedMethod",
     "all_reduce_latent_counts",
+    "any_across_ranks",
     "check_same_across_ranks",
     "feature_choice_pairs_distributed",
     "feature_choice_volume",
@@ -998,6 +999,15 @@ def _fingerprint(value: Any) -> int:
     else:
         digest.update(f"{type(value).__name__} {value!r}".encode())
     return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def any_across_ranks(flag: torch.Tensor, *, group: ProcessGroup | None = None) -> torch.Tensor:
+    """0-d bool: ``flag`` is true on some rank (one tiny all-reduce; no read-back)."""
+    if not is_distributed(group):
+        return flag.reshape(())
+    as_int = flag.reshape(1).to(torch.int64)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX, group=group)
+    return as_int.reshape(()) > 0
 
 
 def check_same_across_ranks(

@@ -28,7 +28,16 @@ from sae_lens_choice import (
     FeatureChoiceTrainingSAEConfig,
     MutualChoiceTrainingSAEConfig,
 )
-from sae_lens_choice.cli import COMMANDS, Command, main, parse_train_args
+from sae_lens_choice.cli import (
+    COMMANDS,
+    Command,
+    LaunchOptions,
+    main,
+    parse_train_args,
+    split_launch_args,
+    torchrun_command,
+    torchrun_world_size,
+)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -367,5 +376,76 @@ def test_train_command_runs_the_sae_lens_runner(
     loaded = SAE.load_from_disk(output)
     assert type(loaded) is JumpReLUSAE  # saved as SAELens's own architecture
     assert loaded.cfg.metadata.training_architecture == "feature_choice"
-    details = loaded.cfg.metadata.training_architecture_details
+    details = loaded.cfg.metadata.training_architecture_details or {}
     assert (details["k"], details["capacity"]) == (4, "zipf")
+
+
+# ---------------------------------------------------------------------------
+# train: data-parallel launch options (--nproc-per-node, --dist-timeout)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "nproc", "timeout"),
+    [
+        (["--nproc-per-node", "4"], 4, None),
+        (["--nproc_per_node=2", "--dist-timeout", "90"], 2, 90.0),
+        (["--dist_timeout=1.5"], None, 1.5),
+        ([], None, None),
+    ],
+)
+def test_split_launch_args(args: list[str], nproc: int | None, timeout: float | None) -> None:
+    rest = ["--architecture", "mutual_choice", "--k", "4"]
+    options, remaining = split_launch_args([rest[0], *args, *rest[1:]])
+    assert options == LaunchOptions(nproc_per_node=nproc, dist_timeout_s=timeout)
+    assert remaining == rest
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc-per-node", "0"], "argument --nproc-per-node: expected a positive integer"),
+        (["--nproc-per-node=two"], "argument --nproc-per-node: expected a positive integer"),
+        (["--dist-timeout", "-3"], "argument --dist-timeout: expected a positive number"),
+        (["--dist-timeout"], "argument --dist-timeout: expected one value"),
+    ],
+)
+def test_bad_launch_options_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--architecture", "mutual_choice", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_launch_checks_the_arguments_before_starting_workers(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # were the arguments not parsed first, this would re-execute pytest as torchrun
+    args = ["train", "--nproc-per-node", "2", "--architecture", "feature_choice"]
+    assert main([*args, "--capacity", "bogus"]) == 2
+    assert "argument --capacity: invalid choice: 'bogus'" in capsys.readouterr().err
+    # --help shows SAELens's flags and then the launch options
+    assert main([*args, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--zipf_alpha" in out and "--nproc-per-node N" in out and "--dist-timeout" in out
+
+
+def test_torchrun_command_reruns_train_with_the_same_arguments() -> None:
+    assert torchrun_command(3, ["--k", "4", "--device", "cuda"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+        "-m", "sae_lens_choice", "train", "--k", "4", "--device", "cuda",
+    ]  # fmt: skip
+
+
+def test_nproc_per_node_under_torchrun_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert torchrun_world_size() == 2
+    assert main(["train", "--nproc-per-node", "2", "--architecture", "mutual_choice"]) == 2
+    assert "already runs under torchrun (WORLD_SIZE=2)" in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
+    assert torchrun_world_size() is None
