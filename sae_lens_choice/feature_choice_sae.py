@@ -368,7 +368,7 @@ class FeatureChoiceSAE(ChoiceSAE):
     batch_rounding_seed: int | None = 0
 
     def __init__(self, cfg: FeatureChoiceSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]  (TopKSAE's decoding, our config)
 
     @override
     def batch_activation(self) -> FeatureChoice:

@@ -179,7 +179,7 @@ class MutualChoiceSAE(ChoiceSAE):
     cfg: MutualChoiceSAEConfig  # type: ignore[assignment]
 
     def __init__(self, cfg: MutualChoiceSAEConfig, use_error_term: bool = False):
-        super().__init__(cfg, use_error_term)
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]  (TopKSAE's decoding, our config)
 
     @override
     def batch_activation(self) -> MutualChoice:
