@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.offline_lm import CEEvaluator
+
 # --------------------------------------------------------------------------- settings
 
 ARCHS: dict[str, str] = {
@@ -177,7 +179,7 @@ def synthetic_split(quick: bool, n_train: int, n_calib: int, n_eval: int) -> Spl
 
 def real_split(n_total: int, frac_calib: float, frac_eval: float) -> Split:
     """SmolLM2 activations, cached once; split by contiguous rows (no shared sequence)."""
-    from sae_lens_choice.offline_models import cache_smollm2_activations
+    from benchmarks.offline_lm import cache_smollm2_activations
 
     cached = cache_smollm2_activations(
         None, n_total, context_size=REAL_CONTEXT, seed=0, seqpos_slice=REAL_CACHE_SEQPOS
@@ -471,81 +473,6 @@ def evaluate(sae, encode, x: torch.Tensor, batch_size: int) -> dict[str, Any]:
     out["_densities"] = torch.sort(dens, descending=True).values.float().tolist()
     out["_l0_hist"] = torch.bincount(l0.long()).tolist()
     return out
-
-
-# --------------------------------------------------------------------- CE (real only)
-
-
-class CEEvaluator:
-    """Splice a reconstruction into SmolLM2 at model.layers.14 on held-out fortunes rows."""
-
-    def __init__(self, n_rows: int, first_row: int):
-        from sae_lens_choice.offline_models import fortunes_dataset, load_smollm2
-
-        self.model, tok = load_smollm2()
-        ds = fortunes_dataset(tok, REAL_CONTEXT, seed=0)
-        if first_row + n_rows > len(ds):
-            first_row = max(0, len(ds) - n_rows)
-        self.rows = torch.tensor(ds[first_row : first_row + n_rows]["input_ids"], dtype=torch.long)
-        self.first_row = first_row
-        self.hf = self.model.model  # transformers LlamaForCausalLM
-        self.layer = self.hf.model.layers[14]
-        self._replace = None
-        self.layer.register_forward_hook(self._hook)
-        self._clean: dict[int, float] = {}
-        self._zero: dict[int, float] = {}
-
-    def _hook(self, module, inputs, output):
-        if self._replace is None:
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = self._replace(hidden)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    @torch.no_grad()
-    def _ce(self, start: int, replace_fn) -> float:
-        total, count = 0.0, 0
-        for batch in self.rows.split(8):
-
-            def rep(h: torch.Tensor) -> torch.Tensor:
-                if replace_fn is None:
-                    return h
-                h = h.clone()
-                flat = h[:, start:].reshape(-1, h.shape[-1])
-                h[:, start:] = replace_fn(flat).reshape(h[:, start:].shape).to(h.dtype)
-                return h
-
-            self._replace = rep
-            try:
-                logits = self.hf(batch).logits
-            finally:
-                self._replace = None
-            # predictions made at positions >= start (the spliced ones)
-            lp = torch.log_softmax(logits[:, start:-1].float(), -1)
-            tgt = batch[:, start + 1 :]
-            total += float(-lp.gather(-1, tgt[..., None]).sum())
-            count += tgt.numel()
-        return total / count
-
-    def clean(self, start: int) -> float:
-        if start not in self._clean:
-            self._clean[start] = self._ce(start, None)
-        return self._clean[start]
-
-    def zero(self, start: int) -> float:
-        if start not in self._zero:
-            self._zero[start] = self._ce(start, torch.zeros_like)
-        return self._zero[start]
-
-    def recovered(self, sae, encode, start: int) -> dict[str, float]:
-        ce = self._ce(start, lambda x: sae.decode(encode(x)))
-        clean, zero = self.clean(start), self.zero(start)
-        return {
-            "ce": ce,
-            "ce_clean": clean,
-            "ce_zero": zero,
-            "ce_recovered": (zero - ce) / (zero - clean),
-        }
 
 
 # -------------------------------------------------------------------------------- run

@@ -1,25 +1,18 @@
-"""Smoke tests for benchmarks/claims.py (the paper-claims benchmark)."""
+"""Smoke tests for benchmarks.claims (the paper-claims benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def claims():
-    spec = importlib.util.spec_from_file_location("claims", ROOT / "benchmarks" / "claims.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["claims"] = module
-    spec.loader.exec_module(module)
+    # benchmarks/ is a package importable from the repository root (pytest pythonpath)
+    from benchmarks import claims as module
+
     return module
 
 

