@@ -60,7 +60,9 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
     """Encode ``x`` with the training allocation over all its tokens.
 
     A token's code then depends on the rest of the batch, as in training; the
-    SAE's own ``encode`` is the per-token JumpReLU users want downstream.
+    SAE's own ``encode`` is the per-token JumpReLU users want downstream. The
+    training options are followed: the allocation score, and Feature Choice's
+    capacity ranking (``capacity_order="density_rank"``, saved in the metadata).
 
     Args:
         sae: a saved Choice SAE as SAELens loads it (``jumprelu`` with this
@@ -85,8 +87,15 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
             f"(its metadata names the training architecture and k); got {type(sae).__name__} "
             f"(architecture {sae.cfg.architecture()!r})"
         )
-    hidden_pre = choice_hidden_pre(sae, sae.process_sae_in(x))  # (..., F)
+    if isinstance(sae, ChoiceTrainingSAE):
+        return sae.encode(x)  # a training SAE's own encode is the training allocation
+    sae_in = sae.process_sae_in(x)
+    hidden_pre = choice_hidden_pre(sae, sae_in)  # (..., F)
     d_sae = hidden_pre.shape[-1]
+    scores = hidden_pre.reshape(-1, d_sae)  # (N, F)
+    if settings.get("allocation_score") == "hidden_pre_over_input_norm":
+        norms = sae_in.reshape(scores.shape[0], -1).norm(dim=-1, keepdim=True)  # (N, 1)
+        scores = scores / norms.clamp(min=1e-6)
     if settings["architecture"] == "feature_choice":
         activation = FeatureChoice(
             settings["k"],
@@ -95,11 +104,15 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
             settings.get("zipf_alpha", 1.0),
             settings.get("zipf_beta", 0.0),
         )
-        pairs = activation.pairs(hidden_pre, offset=offset)
+        ranking = sae.cfg.metadata.get("capacity_ranking")  # capacity_order="density_rank"
+        if ranking is not None:
+            ranking = torch.as_tensor(ranking, dtype=torch.long, device=scores.device)
+        pairs = activation.pairs(scores, offset=offset, ranking=ranking)
     else:
         pairs = mutual_choice_pairs(
-            hidden_pre, settings["k"], method=settings.get("allocation_method", "auto")
+            scores, settings["k"], method=settings.get("allocation_method", "auto")
         )
+    # the scores chose the pairs; the activations are the pre-activations there
     return sae.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))
 
 

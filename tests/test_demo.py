@@ -233,6 +233,26 @@ def test_training_data_order_is_reproducible() -> None:
     assert not torch.equal(next(provider), first)
 
 
+def test_held_out_splits_and_seeds_draw_different_data() -> None:
+    # torch keeps only the low 32 bits of a seed: 0.1.0's offsets (split << 40)
+    # made the calibration and evaluation splits repeat the training batches
+    from sae_lens_choice.demo.data import CALIBRATION, EVAL, TRAIN
+
+    data = SyntheticData(DemoConfig(d_in=8, n_features=32, d_sae=32, batch_size=64))
+    train, calibration, evaluation = (
+        data.batch(split, 0, 64)[0] for split in (TRAIN, CALIBRATION, EVAL)
+    )
+    assert not torch.equal(train, calibration)
+    assert not torch.equal(train, evaluation)
+    assert not torch.equal(calibration, evaluation)
+    other_seed = SyntheticData(DemoConfig(d_in=8, n_features=32, d_sae=32, batch_size=64, seed=1))
+    # a different run seed draws other batches (and another synthetic model)
+    assert not torch.equal(other_seed.batch(TRAIN, 0, 64)[0], train)
+    # batches of one split differ from each other and repeat exactly when redrawn
+    assert not torch.equal(data.batch(TRAIN, 1, 64)[0], train)
+    torch.testing.assert_close(data.batch(TRAIN, 0, 64)[0], train, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -337,3 +337,28 @@ def test_a_jumprelu_exported_by_0_1_0_keeps_its_settings(tmp_path: Path) -> None
     with torch.no_grad():
         acts = encode_batch(loaded, sparse_activations(100, seed=3, d_in=D_IN))
     assert int((acts > 0).sum()) <= 400
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("mutual_choice", {"allocation_score": "hidden_pre_over_input_norm"}),
+        ("feature_choice", {"allocation_score": "hidden_pre_over_input_norm"}),
+        ("feature_choice", {"capacity_order": "density_rank"}),
+    ],
+)
+def test_encode_batch_follows_the_training_options(
+    arch: str, options: dict[str, Any], tmp_path: Path
+) -> None:
+    from sae_lens_choice.allocation import rounding_offset
+
+    sae = trained(arch, n_steps=12, **options)
+    sae.eval()
+    sae.save_inference_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    x = sparse_activations(300, seed=8, d_in=D_IN) * torch.linspace(0.2, 5, 300)[:, None]
+    with torch.no_grad():
+        expected = sae.encode(x)  # the training allocation, with this SAE's step's offset
+        actual = encode_batch(loaded, x, offset=float(rounding_offset(int(sae.training_steps))))
+    torch.testing.assert_close(actual > 0, expected > 0)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ splits are held out from training and from each other.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -18,10 +19,22 @@ from sae_lens.util import temporary_seed
 
 from sae_lens_choice.demo.config import DemoConfig
 
-__all__ = ["CALIBRATION", "EVAL", "TRAIN", "SyntheticData", "TrainProvider"]
+__all__ = ["CALIBRATION", "EVAL", "TRAIN", "SyntheticData", "TrainProvider", "batch_seed"]
 
-#: Seed offsets of the three splits (batch i of split s has seed run_seed * 2^42 + s + i).
-TRAIN, CALIBRATION, EVAL = 0, 1 << 40, 2 << 40
+#: The three splits (batch i of split s is drawn with seed ``batch_seed(run_seed, s, i)``).
+TRAIN, CALIBRATION, EVAL = 0, 1, 2
+
+
+def batch_seed(run_seed: int, split: int, index: int) -> int:
+    """A 32-bit seed for batch ``index`` of ``split`` in run ``run_seed``.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so seeds are
+    hashed into that range: offsets such as ``split << 40`` would all draw the
+    same numbers (and did, in 0.1.0's demo: its held-out splits repeated the
+    training batches).
+    """
+    digest = hashlib.blake2b(f"{run_seed}/{split}/{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 class SyntheticData:
@@ -60,7 +73,7 @@ class SyntheticData:
     def batch(self, split: int, index: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden activations (size, d_in), true feature activations (size, n_features))."""
         start = time.perf_counter()
-        with temporary_seed((self.cfg.seed * (1 << 42) + split + index) % (1 << 63)):
+        with temporary_seed(batch_seed(self.cfg.seed, split, index)):
             features = self.model.activation_generator.sample(size)
             hidden = self.model.feature_dict(features)
         self.generation_seconds += time.perf_counter() - start

@@ -7,11 +7,10 @@ order and the same learning-rate schedule; only the architecture differs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,12 +76,20 @@ def quiet_progress(enabled: bool) -> Iterator[None]:
     modules = [importlib.import_module(name) for name in _PROGRESS_MODULES]
     originals = [module.tqdm for module in modules]
     for module, original in zip(modules, originals):
-        module.tqdm = functools.partial(original, disable=True)  # type: ignore[attr-defined]
+        # (a partial's disable=True would lose to an explicit disable= argument)
+        module.tqdm = _disabled(original)  # type: ignore[attr-defined]
     try:
         yield
     finally:
         for module, original in zip(modules, originals):
             module.tqdm = original  # type: ignore[attr-defined]
+
+
+def _disabled(tqdm_class: Any) -> Callable[..., Any]:
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        return tqdm_class(*args, **{**kwargs, "disable": True})
+
+    return quiet
 
 
 def _sync(device: str) -> None:
