@@ -20,7 +20,7 @@ from sae_lens.saes.sae import SAE
 from sae_lens_choice._moved import moved_names
 from sae_lens_choice.allocation import mutual_choice_pairs, pairs_to_dense
 from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE, choice_hidden_pre
-from sae_lens_choice.feature_choice_sae import FeatureChoice
+from sae_lens_choice.feature_choice_sae import FeatureChoice, FeatureChoiceTrainingSAE
 
 __all__ = ["BATCH_ARCHITECTURES", "choice_settings", "encode_batch"]
 
@@ -87,8 +87,6 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
             f"(its metadata names the training architecture and k); got {type(sae).__name__} "
             f"(architecture {sae.cfg.architecture()!r})"
         )
-    if isinstance(sae, ChoiceTrainingSAE):
-        return sae.encode(x)  # a training SAE's own encode is the training allocation
     sae_in = sae.process_sae_in(x)
     hidden_pre = choice_hidden_pre(sae, sae_in)  # (..., F)
     d_sae = hidden_pre.shape[-1]
@@ -104,7 +102,11 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
             settings.get("zipf_alpha", 1.0),
             settings.get("zipf_beta", 0.0),
         )
-        ranking = sae.cfg.metadata.get("capacity_ranking")  # capacity_order="density_rank"
+        # capacity_order="density_rank": the training SAE's ranking, or the saved one
+        if isinstance(sae, FeatureChoiceTrainingSAE):
+            ranking = sae.capacity_ranking()
+        else:
+            ranking = sae.cfg.metadata.get("capacity_ranking")
         if ranking is not None:
             ranking = torch.as_tensor(ranking, dtype=torch.long, device=scores.device)
         pairs = activation.pairs(scores, offset=offset, ranking=ranking)
