@@ -199,7 +199,7 @@ def environment(device: torch.device) -> dict[str, str | int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one tiny size (CI smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results here")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 import torch
+from sae_lens.registry import get_sae_class, get_sae_training_class
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAE, SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
@@ -141,6 +142,35 @@ def validate_sae_fields(cfg: SAEConfig) -> None:
     check_bool(cfg.rescale_acts_by_decoder_norm, "rescale_acts_by_decoder_norm", owner=owner)  # type: ignore[attr-defined]
 
 
+def check_own_choice_fields(
+    cfg_class: type, config_dict: dict[str, Any], lookup: Callable[[str], tuple[type, type]]
+) -> None:
+    """Refuse a config dict naming one Choice architecture but holding the other's fields.
+
+    Unknown fields are dropped, as SAELens's ``from_dict`` drops them; a field
+    that belongs to the other Choice architecture instead means the
+    ``architecture`` name was edited, and loading would give the other rule
+    (or a shape error naming nothing). ``lookup`` is SAELens's
+    ``get_sae_class`` or ``get_sae_training_class``.
+    """
+    name = config_dict.get("architecture")
+    own = {f.name for f in fields(cfg_class)}
+    for other in ("mutual_choice", "feature_choice"):
+        if other == name:
+            continue
+        try:
+            other_class = lookup(other)[1]
+        except (KeyError, ValueError):  # not registered: nothing to compare with
+            continue
+        foreign = sorted(({f.name for f in fields(other_class)} - own) & config_dict.keys())
+        if foreign:
+            raise ValueError(
+                f"this cfg.json says architecture {name!r} but holds {other!r}'s field(s) "
+                f'{foreign}: it was saved as {other!r}; set "architecture": "{other}" '
+                "back in its cfg.json"
+            )
+
+
 # ---------------------------------------------------------------------------
 # training config
 # ---------------------------------------------------------------------------
@@ -220,6 +250,12 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         validate_sae_fields(self)
         super().__post_init__()
         self.validate_choice_fields()
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        check_own_choice_fields(cls, config_dict, get_sae_training_class)
+        return super().from_dict(config_dict)
 
     def validate_choice_fields(self) -> None:
         """Check this package's fields (subclasses add theirs)."""
@@ -975,6 +1011,12 @@ class ChoiceSAEConfig(SAEConfig):
         validate_sae_fields(self)
         super().__post_init__()
         self.validate_choice_fields()
+
+    @override
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
+        check_own_choice_fields(cls, config_dict, get_sae_class)
+        return super().from_dict(config_dict)
 
     def validate_choice_fields(self) -> None:
         """Check this package's fields (the architecture's field mixin adds its own)."""

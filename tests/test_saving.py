@@ -32,7 +32,13 @@ from sae_lens_choice import (
     compute_thresholds,
     encode_batch,
 )
-from tests.helpers import ARCHS, l0, make_training_sae, sparse_activations, train
+from tests.helpers import (
+    ARCHS,
+    l0,
+    make_training_sae,
+    sparse_activations,
+    train,
+)
 
 D_IN, D_SAE = 16, 64
 
@@ -264,6 +270,24 @@ def test_unknown_cfg_fields_are_ignored_as_sae_lens_does(tmp_path: Path) -> None
         warnings.simplefilter("error")
         loaded = TrainingSAE.load_from_disk(tmp_path / "ckpt")
     assert loaded.cfg.k == 4
+
+
+@pytest.mark.parametrize(
+    ("arch", "other"), [("mutual_choice", "feature_choice"), ("feature_choice", "mutual_choice")]
+)
+def test_a_checkpoint_renamed_to_the_other_choice_architecture_is_refused(
+    arch: str, other: str, tmp_path: Path
+) -> None:
+    # Unknown fields are dropped as SAELens drops them, but a field that belongs
+    # to the other Choice architecture means the name was edited by hand: loading
+    # used to fail later with a shape error that named nothing.
+    path = tmp_path / "ckpt"
+    make_training_sae(arch, d_in=D_IN, d_sae=D_SAE, k=4).save_model(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["architecture"] = other
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"architecture '{other}'.*'{arch}'.*cfg\.json"):
+        TrainingSAE.load_from_disk(path)
 
 
 def test_calibrate_thresholds_on_the_saved_jumprelu_uses_the_metadata(tmp_path: Path) -> None:
