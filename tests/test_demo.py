@@ -96,6 +96,15 @@ def test_demo_prints_table_and_writes_results(demo_run: tuple[int, str, Path]) -
         3.0,
     ]
     assert results["data"]["true_l0_eval"] > 0
+    # what the run shows, computed from the table, and the scale it holds at
+    best = min(models, key=lambda m: m["nmse"])
+    assert f"- Lowest NMSE: {best['name']} ({best['nmse']:.4f})." in markdown
+    assert f"Lowest NMSE: {best['name']}" in stdout
+    closest = max(models, key=lambda m: m["mcc"])
+    assert f"(highest MCC): {closest['name']} ({closest['mcc']:.3f})" in markdown
+    no_dead = [m["name"] for m in models if m["dead_latents"] == 0]
+    assert ("No dead latents: " + (", ".join(no_dead) or "none of them") + ".") in markdown
+    assert "not which architecture to choose" in markdown
 
 
 def test_demo_writes_plots(demo_run: tuple[int, str, Path]) -> None:

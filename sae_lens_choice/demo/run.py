@@ -26,7 +26,7 @@ from sae_lens_choice.demo.architectures import ARCHITECTURE_TABLE
 from sae_lens_choice.demo.config import DemoConfig, DemoError, prepare_output_dir
 from sae_lens_choice.demo.data import CALIBRATION, EVAL, SyntheticData
 from sae_lens_choice.demo.plots import plot_densities, plot_frontier, plot_l0_histograms
-from sae_lens_choice.demo.report import rich_table, write_json
+from sae_lens_choice.demo.report import findings, rich_table, write_json
 from sae_lens_choice.demo.results import RECALIBRATED, SAVED, DemoResults, ModelResult
 from sae_lens_choice.demo.saved import save_sae
 from sae_lens_choice.demo.train import TrainedModel, model_config, quiet_progress, train_model
@@ -228,6 +228,8 @@ def _run(cfg: DemoConfig, out_dir: Path, start: float) -> DemoResults:
 
     if console is not None:
         console.print(rich_table(models, f"k = {cfg.k:g}, per-token inference"))
+        for line in findings(results):
+            console.print(f"- {line}", highlight=False)
         if sweep:
             console.print(rich_table(sweep, "k sweep", with_k=True))
         example = sae_dir / "mutual_choice"
