@@ -319,6 +319,27 @@ def _expected(emb: torch.nn.Embedding, rows: torch.Tensor, n_tokens: int, start:
     return acts, toks, pos
 
 
+def _write_cache(
+    directory: Path,
+    n_tokens: int = 20,
+    *,
+    params: dict[str, str] | None = None,
+    fail_after: int | None = None,
+    **kwargs: Any,
+) -> float | None:
+    """Cache ``_rows()`` through ``_embedding()`` (``params`` default ``_params()``), quietly."""
+    return om.write_activation_cache(
+        directory,
+        _rows(),
+        _activation_fn(_embedding(), fail_after),
+        n_tokens=n_tokens,
+        d_model=D,
+        params=_params() if params is None else params,
+        progress=False,
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_and_load_activation_cache_round_trip(tmp_path: Path, dtype: torch.dtype) -> None:
     emb, rows, n = _embedding(), _rows(), 37  # 37 of 9 * 5 kept positions: last row cut
@@ -362,16 +383,7 @@ def test_write_and_load_activation_cache_round_trip(tmp_path: Path, dtype: torch
 
 
 def test_loaded_activations_are_memory_mapped_copy_on_write(tmp_path: Path) -> None:
-    emb, rows = _embedding(), _rows()
-    om.write_activation_cache(
-        tmp_path,
-        rows,
-        _activation_fn(emb),
-        n_tokens=20,
-        d_model=D,
-        params=_params(),
-        progress=False,
-    )
+    _write_cache(tmp_path)
     before = (tmp_path / "activations.bin").read_bytes()
     cached = om.load_activation_cache(tmp_path)
     cached.activations.zero_()  # private mapping: the file must not change
@@ -409,28 +421,10 @@ def test_killed_build_resumes_to_identical_cache(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_other_parameters(tmp_path: Path) -> None:
-    emb, rows = _embedding(), _rows()
     with pytest.raises(KeyboardInterrupt):
-        om.write_activation_cache(
-            tmp_path,
-            rows,
-            _activation_fn(emb, fail_after=1),
-            n_tokens=30,
-            d_model=D,
-            params=_params(),
-            batch_size=2,
-            progress=False,
-        )
+        _write_cache(tmp_path, 30, fail_after=1, batch_size=2)
     with pytest.raises(ValueError, match="different parameters"):
-        om.write_activation_cache(
-            tmp_path,
-            rows,
-            _activation_fn(emb),
-            n_tokens=30,
-            d_model=D,
-            params=_params(test="other"),
-            progress=False,
-        )
+        _write_cache(tmp_path, 30, params=_params(test="other"))
 
 
 def test_write_activation_cache_rejects_too_few_rows_and_empty_slice(tmp_path: Path) -> None:
@@ -452,16 +446,7 @@ def test_write_activation_cache_rejects_too_few_rows_and_empty_slice(tmp_path: P
 
 
 def test_load_activation_cache_checks_file_sizes(tmp_path: Path) -> None:
-    emb, rows = _embedding(), _rows()
-    om.write_activation_cache(
-        tmp_path,
-        rows,
-        _activation_fn(emb),
-        n_tokens=20,
-        d_model=D,
-        params=_params(),
-        progress=False,
-    )
+    _write_cache(tmp_path)
     with (tmp_path / "tokens.bin").open("ab") as f:
         f.write(b"\x00\x00\x00\x00")
     with pytest.raises(ValueError, match=r"tokens\.bin has 84 bytes, expected 80"):
@@ -489,16 +474,7 @@ def test_cache_smollm2_activations_reuses_cache_without_model(
 
     monkeypatch.setattr(om, "load_smollm2", _no_model)
     directory = om.activation_cache_dir(10, CTX, corpus=corpus, root=tmp_path)
-    emb = _embedding()
-    om.write_activation_cache(
-        directory,
-        _rows(),
-        _activation_fn(emb),
-        n_tokens=10,
-        d_model=D,
-        params=_smollm2_params(10, corpus),
-        progress=False,
-    )
+    _write_cache(directory, 10, params=_smollm2_params(10, corpus))
     out = om.cache_smollm2_activations(tmp_path, 10, context_size=CTX, seed=0, corpus=corpus)
     assert out.path == directory
     assert out.activations.shape == (10, D)
@@ -516,15 +492,7 @@ def test_cache_smollm2_activations_rejects_mismatched_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(om, "load_smollm2", lambda *a, **k: pytest.fail("loaded model"))
-    om.write_activation_cache(
-        tmp_path,
-        _rows(),
-        _activation_fn(_embedding()),
-        n_tokens=10,
-        d_model=D,
-        params=_smollm2_params(10, "english"),
-        progress=False,
-    )
+    _write_cache(tmp_path, 10, params=_smollm2_params(10, "english"))
     with pytest.raises(ValueError, match="different parameters"):
         om.cache_smollm2_activations(tmp_path, 10, context_size=CTX, seed=0, corpus="fortunes")
 

@@ -120,10 +120,9 @@ def findings(results: DemoResults) -> list[str]:
     lines.append(
         f"Scale: {cfg.n_steps:,} optimiser steps of {cfg.batch_size:,} samples on "
         f"{cfg.d_in}-dimensional synthetic data, seconds per model: this shows the "
-        "mechanics, not which architecture to choose. Short runs favour TopK's "
-        "reconstruction; the convergence study (`python -m benchmarks.convergence`, "
-        "docs/convergence.md in the repository) compares the architectures on a real "
-        "LM's activations at the largest scale measured."
+        "mechanics on toy data, not which architecture to choose. The convergence study "
+        "(`python -m benchmarks.convergence`, docs/convergence.md in the repository) "
+        "compares the architectures on a real LM's activations, with the scale it reached."
     )
     return lines
 
