@@ -69,6 +69,17 @@ def assert_same_step(
             assert torch.equal(b_s, b_d), name
 
 
+@pytest.mark.parametrize(("d_sae", "sparse"), [(128, False), (256, True), (1024, True)])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_takes_the_sparse_step_from_the_measured_crossover(
+    arch: str, d_sae: int, sparse: bool
+) -> None:
+    # docs/step_time_crossover.json: sparse is faster from 256 latents on, at every d_in
+    sae = make_training_sae(arch, d_in=16, d_sae=d_sae, k=3)
+    assert sae.cfg.step_implementation == "auto"
+    assert sae.use_sparse_step() is sparse
+
+
 @pytest.mark.parametrize("aux_loss", ["none", "aux_k", "aux_zipf"])
 @pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale"])
 @pytest.mark.parametrize("arch", ARCHS)
