@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 import torch
-from sae_lens.registry import get_sae_class, get_sae_training_class
+from sae_lens.registry import get_sae_training_class
 from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 from sae_lens.saes.sae import SAE, SAEConfig, TrainStepInput, TrainStepOutput
 from sae_lens.saes.topk_sae import (
@@ -151,7 +151,9 @@ def check_own_choice_fields(
     that belongs to the other Choice architecture instead means the
     ``architecture`` name was edited, and loading would give the other rule
     (or a shape error naming nothing). ``lookup`` is SAELens's
-    ``get_sae_class`` or ``get_sae_training_class``.
+    ``get_sae_training_class``: training checkpoints are built through their
+    config class's ``from_dict``. (SAELens builds inference configs through
+    ``SAEConfig.from_dict`` itself, so 0.1.0 inference folders are not checked.)
     """
     name = config_dict.get("architecture")
     own = {f.name for f in fields(cfg_class)}
@@ -1016,12 +1018,6 @@ class ChoiceSAEConfig(SAEConfig):
         validate_sae_fields(self)
         super().__post_init__()
         self.validate_choice_fields()
-
-    @override
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any]) -> Any:
-        check_own_choice_fields(cls, config_dict, get_sae_class)
-        return super().from_dict(config_dict)
 
     def validate_choice_fields(self) -> None:
         """Check this package's fields (the architecture's field mixin adds its own)."""
