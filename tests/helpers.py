@@ -256,3 +256,16 @@ TINY_DEMO: dict[str, Any] = {
     "calibration_samples": 1024,
     "eval_samples": 1024,
 }
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """SAELens's checkpoint folders under ``root``, by training samples.
+
+    SAELens writes ``<checkpoint_path>/<run id>/<n training samples>/``; the run
+    id is 8 hex digits and is all decimal digits about 2% of the time, so only
+    the second level counts.
+    """
+    return sorted(
+        (p for p in root.glob("*/*") if p.is_dir() and p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )

@@ -64,7 +64,13 @@ from sae_lens_choice.distributed_training import (
     gather_calibration_window,
     rank_state_dir,
 )
-from tests.helpers import REPO_ROOT, TRAINING_CLASSES, sparse_activations, tiny_model
+from tests.helpers import (
+    REPO_ROOT,
+    TRAINING_CLASSES,
+    checkpoint_dirs,
+    sparse_activations,
+    tiny_model,
+)
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -282,12 +288,6 @@ class _RecordingRunner(DistributedLanguageModelSAETrainingRunner):
         super().save_final_sae(*args, **kwargs)
 
 
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    return sorted(
-        (p for p in root.rglob("*") if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    )
-
-
 def _stage_runner(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     # each rank works in its own empty folder: anything relative it wrote would show
     cwd = tmp / f"cwd_{rank}"
@@ -296,7 +296,7 @@ def _stage_runner(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     runner = _RecordingRunner(_runner_config(tmp))
     sae = runner.run()
     first = {"state": _numpy_state(sae), "saves": runner.saves}
-    (checkpoint,) = _checkpoint_dirs(tmp / "checkpoints")
+    (checkpoint,) = checkpoint_dirs(tmp / "checkpoints")
     resumed_runner = _RecordingRunner(
         _runner_config(
             tmp,
