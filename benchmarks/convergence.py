@@ -115,19 +115,12 @@ _BATCHTOPK = ARCHITECTURE_TABLE["batchtopk"]
 _MC = ARCHITECTURE_TABLE["mutual_choice"].variant(
     "mc", "Mutual Choice (aux_zipf)", aux_loss="aux_zipf", allocation_score="hidden_pre"
 )
+_FC_PAPER = {"aux_loss": "none", "allocation_score": "hidden_pre", "capacity_order": "index"}
 _FC_UNIFORM = ARCHITECTURE_TABLE["feature_choice_uniform"].variant(
-    "fc_uniform",
-    "Feature Choice (uniform)",
-    aux_loss="none",
-    allocation_score="hidden_pre",
-    capacity_order="index",
+    "fc_uniform", "Feature Choice (uniform)", **_FC_PAPER
 )
 _FC_ZIPF = ARCHITECTURE_TABLE["feature_choice_zipf"].variant(
-    "fc_zipf",
-    "Feature Choice (Zipf)",
-    aux_loss="none",
-    allocation_score="hidden_pre",
-    capacity_order="index",
+    "fc_zipf", "Feature Choice (Zipf)", **_FC_PAPER
 )
 _NORM_SCORE = {"allocation_score": "hidden_pre_over_input_norm"}
 _LAYER_NORM = {"normalize_activations": "layer_norm"}
@@ -1235,6 +1228,11 @@ def compare(
     return "tie", diff, margin
 
 
+def _last_changes(record: dict[str, Any]) -> str:
+    """A budget record's per-seed relative NMSE change over the last doubling, as text."""
+    return ", ".join(f"{c:.1%}" for c in record["last_change"].values())
+
+
 def _tokens_label(n: int) -> str:
     exp = math.log2(n)
     if exp == int(exp):
@@ -1366,7 +1364,7 @@ class Report:
         for (s, k), record in sorted(self.budgets.items()):
             if s != source or record.get("converged", True):
                 continue
-            changes = ", ".join(f"{c:.1%}" for c in record["last_change"].values())
+            changes = _last_changes(record)
             lines += [
                 f"**Not converged at k = {k}:** TopK's held-out NMSE still moved by {changes} "
                 f"(per seed) over the last doubling when the study's cap of "
@@ -1512,7 +1510,7 @@ class Report:
             pairs = "; ".join(
                 f"s{s}: {h[0]:.4f} → {h[1]:.4f}" for s, h in record["nmse_last_two"].items()
             )
-            changes = ", ".join(f"{c:.1%}" for c in record["last_change"].values())
+            changes = _last_changes(record)
             lines.append(
                 f"| {k} | {record['budget']:,} | {'yes' if record['converged'] else '**no**'} "
                 f"| {record['seeds']} | {pairs} | {changes} | "
