@@ -142,6 +142,10 @@ def validate_sae_fields(cfg: SAEConfig) -> None:
     check_bool(cfg.rescale_acts_by_decoder_norm, "rescale_acts_by_decoder_norm", owner=owner)  # type: ignore[attr-defined]
 
 
+#: SAELens architecture names this package registers (its training and 0.1.0 inference SAEs).
+CHOICE_ARCHITECTURES = ("mutual_choice", "feature_choice")
+
+
 def check_own_choice_fields(
     cfg_class: type, config_dict: dict[str, Any], lookup: Callable[[str], tuple[type, type]]
 ) -> None:
@@ -157,7 +161,7 @@ def check_own_choice_fields(
     """
     name = config_dict.get("architecture")
     own = {f.name for f in fields(cfg_class)}
-    for other in ("mutual_choice", "feature_choice"):
+    for other in CHOICE_ARCHITECTURES:
         if other == name:
             continue
         try:

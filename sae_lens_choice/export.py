@@ -38,11 +38,9 @@ from sae_lens.constants import (
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAE, SAEMetadata
 
-from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE
+from sae_lens_choice.choice_base import CHOICE_ARCHITECTURES, ChoiceSAE, ChoiceTrainingSAE
 
 __all__ = ["export_jumprelu_cli", "export_jumprelu_dir", "to_jumprelu"]
-
-_ARCHITECTURES = ("mutual_choice", "feature_choice")
 
 
 def _from_training_sae(sae: ChoiceTrainingSAE) -> JumpReLUSAE:
@@ -137,11 +135,11 @@ def _read_architecture(in_dir: Path) -> str:
         raise FileNotFoundError(f"no SAE weights at {in_dir / SAE_WEIGHTS_FILENAME}")
     with open(cfg_path) as f:
         arch = json.load(f).get("architecture")
-    if arch not in _ARCHITECTURES:
+    if arch not in CHOICE_ARCHITECTURES:
         hint = " (it already is a JumpReLU SAE)" if arch == "jumprelu" else ""
         raise ValueError(
             f"{cfg_path} has architecture {arch!r}{hint}; export_jumprelu_dir converts "
-            f"{' or '.join(_ARCHITECTURES)} SAEs saved by sae-lens-choice 0.1.0"
+            f"{' or '.join(CHOICE_ARCHITECTURES)} SAEs saved by sae-lens-choice 0.1.0"
         )
     return arch
 

@@ -19,13 +19,18 @@ from sae_lens.saes.sae import SAE
 
 from sae_lens_choice._moved import moved_names
 from sae_lens_choice.allocation import mutual_choice_pairs, pairs_to_dense
-from sae_lens_choice.choice_base import ChoiceSAE, ChoiceTrainingSAE, choice_hidden_pre
+from sae_lens_choice.choice_base import (
+    CHOICE_ARCHITECTURES,
+    ChoiceSAE,
+    ChoiceTrainingSAE,
+    choice_hidden_pre,
+)
 from sae_lens_choice.feature_choice_sae import FeatureChoice, FeatureChoiceTrainingSAE
 
 __all__ = ["BATCH_ARCHITECTURES", "choice_settings", "encode_batch"]
 
 #: Training architectures whose allocation :func:`encode_batch` can reproduce.
-BATCH_ARCHITECTURES = ("mutual_choice", "feature_choice", "batchtopk")
+BATCH_ARCHITECTURES = (*CHOICE_ARCHITECTURES, "batchtopk")
 
 
 def choice_settings(sae: SAE[Any]) -> dict[str, Any] | None:
