@@ -125,35 +125,36 @@ _FC_ZIPF = ARCHITECTURE_TABLE["feature_choice_zipf"].variant(
 _NORM_SCORE = {"allocation_score": "hidden_pre_over_input_norm"}
 _LAYER_NORM = {"normalize_activations": "layer_norm"}
 
+_PAPER_ROWS = (
+    _TOPK,
+    _BATCHTOPK,
+    _MC,
+    _MC.variant("mc_auxk", "Mutual Choice (aux_k)", aux_loss="aux_k"),
+    _MC.variant("mc_none", "Mutual Choice (no aux)", aux_loss="none"),
+    _FC_UNIFORM,
+    _FC_ZIPF,
+)
+_BEYOND_PAPER_ROWS = (
+    _TOPK.variant("topk_layernorm", "TopK, per-token layer norm", **_LAYER_NORM),
+    _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM),
+    _FC_ZIPF.variant("fc_zipf_layernorm", "FC-Zipf, per-token layer norm", **_LAYER_NORM),
+    _MC.variant("mc_normscore", "MC, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
+    _FC_ZIPF.variant("fc_zipf_normscore", "FC-Zipf, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
+    _FC_UNIFORM.variant(
+        "fc_uniform_normscore", "FC-uniform, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE
+    ),
+    _FC_ZIPF.variant(
+        "fc_zipf_rank", "FC-Zipf, capacities by density rank", capacity_order="density_rank"
+    ),
+    _MC.variant("mc_aux32", "MC, aux_zipf coefficient 1/32", aux_loss_coefficient=1 / 32),
+)
 #: The study's rows: the paper's configurations, then the options beyond it.
 #: Derived from the demo's table with :meth:`Architecture.variant`.
 STUDY_ARCHITECTURES: dict[str, Architecture] = {
-    row.name: row
-    for row in (
-        _TOPK,
-        _BATCHTOPK,
-        _MC,
-        _MC.variant("mc_auxk", "Mutual Choice (aux_k)", aux_loss="aux_k"),
-        _MC.variant("mc_none", "Mutual Choice (no aux)", aux_loss="none"),
-        _FC_UNIFORM,
-        _FC_ZIPF,
-        # beyond the paper
-        _TOPK.variant("topk_layernorm", "TopK, per-token layer norm", **_LAYER_NORM),
-        _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM),
-        _FC_ZIPF.variant("fc_zipf_layernorm", "FC-Zipf, per-token layer norm", **_LAYER_NORM),
-        _MC.variant("mc_normscore", "MC, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
-        _FC_ZIPF.variant(
-            "fc_zipf_normscore", "FC-Zipf, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE
-        ),
-        _FC_UNIFORM.variant(
-            "fc_uniform_normscore", "FC-uniform, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE
-        ),
-        _FC_ZIPF.variant(
-            "fc_zipf_rank", "FC-Zipf, capacities by density rank", capacity_order="density_rank"
-        ),
-        _MC.variant("mc_aux32", "MC, aux_zipf coefficient 1/32", aux_loss_coefficient=1 / 32),
-    )
+    row.name: row for row in (*_PAPER_ROWS, *_BEYOND_PAPER_ROWS)
 }
+#: The rows that try options beyond the paper (dashed in the plots).
+BEYOND_PAPER = frozenset(row.name for row in _BEYOND_PAPER_ROWS)
 #: The reference every comparison and the convergence rule use.
 REFERENCE = "topk"
 #: Rows whose allocation is this package's (Choice SAEs).
@@ -1912,11 +1913,16 @@ class Report:
     # -- plots ---------------------------------------------------------------------------
 
     def plots(self, source: str, out: Path) -> list[str]:
+        from matplotlib import colormaps
         from matplotlib.figure import Figure
 
         ks = self.ks(source)
-        colors = {a: f"C{i % 10}" for i, a in enumerate(STUDY_ARCHITECTURES)}
-        styles = {a: "-" if i < 10 else "--" for i, a in enumerate(STUDY_ARCHITECTURES)}
+        # tab20 has a distinct colour for each of the 15 rows (the default cycle
+        # has 10, so two rows shared a colour); dashed lines mark the rows
+        # beyond the paper
+        palette = colormaps["tab20"]
+        colors = {a: palette(i % palette.N) for i, a in enumerate(STUDY_ARCHITECTURES)}
+        styles = {a: "--" if a in BEYOND_PAPER else "-" for a in STUDY_ARCHITECTURES}
         files = []
 
         fig = Figure(figsize=(6 * len(ks), 8), layout="constrained")
