@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+from typing_extensions import TypedDict, Unpack
 
 from sae_lens_choice.validation import check_number, fail
 
@@ -28,7 +29,9 @@ MutualChoiceMethod = Literal["auto", "candidates", "flat"]
 
 __all__ = [
     "ChoicePairs",
+    "FeatureChoiceOptions",
     "FeatureChoicePlan",
+    "MutualChoiceOptions",
     "batch_budget",
     "capacity_bounds",
     "check_finite",
@@ -262,18 +265,22 @@ def default_candidates_per_token(k: float, d_sae: int) -> int:
     return min(d_sae, max(4 * math.ceil(k), math.ceil(k) + 8))
 
 
+class MutualChoiceOptions(TypedDict, total=False):
+    """The keyword options of :func:`mutual_choice_pairs`, which :func:`mutual_choice` passes on."""
+
+    method: MutualChoiceMethod
+    candidates_per_token: int | None
+    validate: bool
+
+
 def mutual_choice(
-    hidden_pre: torch.Tensor,
-    k: float,
-    *,
-    method: MutualChoiceMethod = "auto",
-    candidates_per_token: int | None = None,
-    validate: bool = True,
+    hidden_pre: torch.Tensor, k: float, **options: Unpack[MutualChoiceOptions]
 ) -> torch.Tensor:
     """Keep the T = round(k * N) largest entries of the whole (N, F) matrix.
 
     This selects the same set as SAELens's ``BatchTopK`` (Bussmann et al. 2024,
     concurrent with the paper); ties are broken arbitrarily, as ``torch.topk`` does.
+    The dense form of :func:`mutual_choice_pairs`, whose keyword options it takes.
 
     Args:
         hidden_pre: (..., F) pre-activations; the leading dimensions are tokens.
@@ -286,21 +293,15 @@ def mutual_choice(
             then those tokens' whole rows join the pool and the top T is taken
             again (exact; a flat top-k if a quarter of the tokens saturate).
             Deciding that reads one boolean back from the device. ``"auto"``
-            picks ``"candidates"`` on CPU, where it is several times faster
-            than a flat top-k, and ``"flat"`` on accelerators, where the
-            read-back would stall the stream.
+            (the default) picks ``"candidates"`` on CPU, where it is several
+            times faster than a flat top-k, and ``"flat"`` on accelerators,
+            where the read-back would stall the stream.
         candidates_per_token: ``c`` for ``"candidates"``;
             default :func:`default_candidates_per_token`.
-        validate: check for non-finite values (one device read-back).
+        validate: check for non-finite values (one device read-back; default
+            ``True``).
     """
-    pairs = mutual_choice_pairs(
-        hidden_pre,
-        k,
-        method=method,
-        candidates_per_token=candidates_per_token,
-        validate=validate,
-    )
-    return pairs_to_dense(pairs, hidden_pre)
+    return pairs_to_dense(mutual_choice_pairs(hidden_pre, k, **options), hidden_pre)
 
 
 def mutual_choice_pairs(
@@ -462,31 +463,35 @@ def _check_plan_covers(plan: FeatureChoicePlan, capacities: torch.Tensor) -> Non
         )
 
 
+class FeatureChoiceOptions(TypedDict, total=False):
+    """The keyword options of :func:`feature_choice_pairs`, which :func:`feature_choice` passes on."""
+
+    plan: FeatureChoicePlan | None
+    validate: bool
+
+
 def feature_choice(
-    hidden_pre: torch.Tensor,
-    capacities: torch.Tensor,
-    *,
-    plan: FeatureChoicePlan | None = None,
-    validate: bool = True,
+    hidden_pre: torch.Tensor, capacities: torch.Tensor, **options: Unpack[FeatureChoiceOptions]
 ) -> torch.Tensor:
     """Latent j keeps its ``capacities[j]`` largest tokens (positive values only).
+
+    The dense form of :func:`feature_choice_pairs`, whose keyword options it takes.
 
     Args:
         hidden_pre: (..., F) pre-activations; the leading dimensions are tokens.
         capacities: (F,) integer tensor, each entry in [0, N].
-        plan: grouping from :func:`plan_feature_choice`. Without one, a single
-            top-k with the largest capacity is used, which reads that maximum
-            back from the device.
+        plan: grouping from :func:`plan_feature_choice`. Without one (the
+            default), a single top-k with the largest capacity is used, which
+            reads that maximum back from the device.
         validate: check capacities (against the plan's bounds too) and finiteness
-            (device read-backs).
+            (device read-backs; default ``True``).
 
     The selection runs over tokens for each latent, so it works on the (F, N)
     transpose. When ``hidden_pre`` is itself a transposed view of an (F, N)
     contiguous tensor (the training SAE computes it that way) no copy is made.
     The result may then be a non-contiguous (N, F) view.
     """
-    pairs = feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=validate)
-    return pairs_to_dense(pairs, hidden_pre)
+    return pairs_to_dense(feature_choice_pairs(hidden_pre, capacities, **options), hidden_pre)
 
 
 def feature_choice_pairs(
