@@ -80,7 +80,7 @@ NORMALIZATIONS: tuple[str, ...] = (
 
 
 # ---------------------------------------------------------------------------
-# pre-activations and the JumpReLU both inference forms share
+# pre-activations, the JumpReLU both inference forms share, the batch activation
 # ---------------------------------------------------------------------------
 
 
@@ -102,6 +102,28 @@ def choice_hidden_pre(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor:
 def jumprelu(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """SAELens JumpReLU semantics: ``relu(h)`` where ``h > threshold``, else 0."""
     return hidden_pre.relu() * (hidden_pre > threshold).to(hidden_pre.dtype)
+
+
+class ChoiceActivation(nn.Module):
+    """An allocation rule as an activation: ``relu(hidden_pre)`` on the pairs it keeps, 0 elsewhere.
+
+    Subclasses give :meth:`pairs`. They are ``@dataclass(eq=False, repr=False)``
+    over their settings, so each setting is named once (the generated
+    ``__init__`` takes them in field order) while the module keeps
+    ``nn.Module``'s identity hashing and repr; the dataclass ``__init__`` does
+    not call ``nn.Module.__init__``, so :meth:`__post_init__` does.
+    """
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def pairs(self, hidden_pre: torch.Tensor) -> ChoicePairs:
+        """The kept (token, latent) pairs (no autograd)."""
+        raise NotImplementedError
+
+    @override
+    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        return pairs_to_dense(self.pairs(hidden_pre), hidden_pre)
 
 
 # ---------------------------------------------------------------------------
@@ -1047,7 +1069,7 @@ class ChoiceSAE(TopKSAE):
             "threshold", torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
         )
 
-    def batch_activation(self) -> Any:
+    def batch_activation(self) -> ChoiceActivation:
         """A fresh training allocation module for the current config (batch mode)."""
         raise NotImplementedError
 

@@ -14,11 +14,10 @@ with one threshold per latent; the 0.1.0 inference architecture
 # the modules of the base classes, where these aliases are not defined.
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
 from typing_extensions import override
 
 from sae_lens_choice.allocation import (
@@ -27,7 +26,6 @@ from sae_lens_choice.allocation import (
     capacity_bounds,
     check_zipf_parameters,
     feature_choice_pairs,
-    pairs_to_dense,
     plan_feature_choice,
     round_capacities,
     rounding_offset,
@@ -35,6 +33,7 @@ from sae_lens_choice.allocation import (
     zipf_capacities,
 )
 from sae_lens_choice.choice_base import (
+    ChoiceActivation,
     ChoiceSAE,
     ChoiceSAEConfig,
     ChoiceTrainingSAE,
@@ -85,31 +84,25 @@ def target_densities(
     return expected_capacities(n, d_sae, k, capacity, zipf_alpha, zipf_beta) / n
 
 
-class FeatureChoice(nn.Module):
+@dataclass(eq=False, repr=False)
+class FeatureChoice(ChoiceActivation):
     """Latent j keeps its m_j largest tokens; m_j rounded afresh for every batch.
 
     Expected capacities depend on the number of tokens N, so they (and the
-    grouping plan) are computed once per N and cached.
+    grouping plan) are computed once per N and cached. ``generator`` draws the
+    rounding offsets a call is not given (``None``: torch's global RNG).
     """
 
-    def __init__(
-        self,
-        k: float,
-        d_sae: int,
-        capacity: Capacity = "zipf",
-        zipf_alpha: float = 1.0,
-        zipf_beta: float = 0.0,
-        validate: bool = True,
-    ):
-        super().__init__()
-        self.k = k
-        self.d_sae = d_sae
-        self.capacity: Capacity = capacity
-        self.zipf_alpha = zipf_alpha
-        self.zipf_beta = zipf_beta
-        self.validate = validate
-        self.generator: torch.Generator | None = None
-        self._cache: dict[tuple[int, str], tuple[torch.Tensor, FeatureChoicePlan]] = {}
+    k: float
+    d_sae: int
+    capacity: Capacity = "zipf"
+    zipf_alpha: float = 1.0
+    zipf_beta: float = 0.0
+    validate: bool = True
+    generator: torch.Generator | None = field(default=None, init=False)
+    _cache: dict[tuple[int, str], tuple[torch.Tensor, FeatureChoicePlan]] = field(
+        default_factory=dict, init=False
+    )
 
     def expected_capacities(self, n_tokens: int) -> torch.Tensor:
         """Real-valued expected tokens per latent for ``n_tokens`` tokens (float64, CPU)."""
@@ -161,6 +154,7 @@ class FeatureChoice(nn.Module):
             capacities = torch.empty_like(capacities).scatter_(0, ranking, capacities)
         return capacities, plan
 
+    @override
     def pairs(
         self,
         hidden_pre: torch.Tensor,
@@ -171,10 +165,6 @@ class FeatureChoice(nn.Module):
         n_tokens = hidden_pre.numel() // hidden_pre.shape[-1]
         capacities, plan = self.capacities(n_tokens, hidden_pre.device, offset, ranking)
         return feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=self.validate)
-
-    @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        return pairs_to_dense(self.pairs(hidden_pre), hidden_pre)
 
 
 @dataclass

@@ -19,16 +19,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from typing_extensions import override
 
-from sae_lens_choice.allocation import (
-    ChoicePairs,
-    MutualChoiceMethod,
-    mutual_choice_pairs,
-    pairs_to_dense,
-)
+from sae_lens_choice.allocation import ChoicePairs, MutualChoiceMethod, mutual_choice_pairs
 from sae_lens_choice.choice_base import (
+    ChoiceActivation,
     ChoiceSAE,
     ChoiceSAEConfig,
     ChoiceTrainingSAE,
@@ -48,22 +43,17 @@ __all__ = [
 ]
 
 
-class MutualChoice(nn.Module):
+@dataclass(eq=False, repr=False)
+class MutualChoice(ChoiceActivation):
     """Keep the round(k * N) largest pre-activations of the batch."""
 
-    def __init__(self, k: float, method: MutualChoiceMethod = "auto", validate: bool = True):
-        super().__init__()
-        self.k = k
-        self.method: MutualChoiceMethod = method
-        self.validate = validate
-
-    def pairs(self, hidden_pre: torch.Tensor) -> ChoicePairs:
-        """The kept (token, latent) pairs (no autograd)."""
-        return mutual_choice_pairs(hidden_pre, self.k, method=self.method, validate=self.validate)
+    k: float
+    method: MutualChoiceMethod = "auto"
+    validate: bool = True
 
     @override
-    def forward(self, hidden_pre: torch.Tensor) -> torch.Tensor:
-        return pairs_to_dense(self.pairs(hidden_pre), hidden_pre)
+    def pairs(self, hidden_pre: torch.Tensor) -> ChoicePairs:
+        return mutual_choice_pairs(hidden_pre, self.k, method=self.method, validate=self.validate)
 
 
 @dataclass
