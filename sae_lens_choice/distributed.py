@@ -137,6 +137,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
+from typing_extensions import TypedDict, Unpack
 
 from sae_lens_choice.allocation import (
     ChoicePairs,
@@ -157,6 +158,7 @@ DistributedMethod = Literal["auto", "candidates", "full"]
 __all__ = [
     "CollectiveStats",
     "DistributedMethod",
+    "DistributedOptions",
     "all_reduce_latent_counts",
     "any_across_ranks",
     "check_same_across_ranks",
@@ -325,6 +327,61 @@ def _resolve_method(method: DistributedMethod, device: torch.device) -> str:
     if method == "auto":
         return "candidates" if device.type == "cpu" else "full"
     return method
+
+
+class DistributedOptions(TypedDict, total=False):
+    """The keyword options both distributed selections take.
+
+    What each means, and its default: :func:`mutual_choice_pairs_distributed`.
+    """
+
+    group: ProcessGroup | None
+    rank_sizes: Sequence[int] | None
+    method: DistributedMethod
+    slack: float
+    validate: bool
+    stats: CollectiveStats | None
+
+
+@dataclass(frozen=True)
+class _Options:
+    """One call's :class:`DistributedOptions`, defaults filled in and checked.
+
+    Also the steps both selections take with them, so each is written once.
+    """
+
+    group: ProcessGroup | None = None
+    rank_sizes: Sequence[int] | None = None
+    method: DistributedMethod = "auto"
+    slack: float = 2.0
+    validate: bool = True
+    stats: CollectiveStats | None = None
+
+    def __post_init__(self) -> None:
+        _check_method(self.method, self.slack)
+
+    def single_process(self, hidden_pre: torch.Tensor) -> bool:
+        """Whether there are no other ranks (then ``rank_sizes`` may name only this one)."""
+        if is_distributed(self.group):
+            return False
+        n_tokens = _local_matrix(hidden_pre).shape[0]
+        if self.rank_sizes is not None and list(self.rank_sizes) != [n_tokens]:
+            raise ValueError(f"rank_sizes must be [{n_tokens}] without other ranks")
+        return True
+
+    def rank_and_sizes(self, x: torch.Tensor) -> tuple[int, list[int]]:
+        """This rank in ``group``, and every rank's token count (``x`` holds this rank's)."""
+        rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        return rank, _resolve_sizes(x.shape[0], self.rank_sizes, self.group, x.device, rank, world)
+
+    def all_gather(self, tensor: torch.Tensor, world: int) -> torch.Tensor:
+        """:func:`_all_gather` over ``group``, counted in ``stats``."""
+        return _all_gather(tensor, world, self.group, self.stats)
+
+    def count(self, counter: Literal["selections", "checked_rounds", "fallbacks"]) -> None:
+        """One more ``counter`` in ``stats``, when there are stats."""
+        if self.stats is not None:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
 
 def _empty_pairs(x: torch.Tensor) -> ChoicePairs:
@@ -552,8 +609,7 @@ def _mc_round(
     counts: list[int],
     complete: list[bool],
     rank: int,
-    group: ProcessGroup | None,
-    stats: CollectiveStats | None,
+    opts: _Options,
     scan: bool,
 ) -> tuple[ChoicePairs, torch.Tensor]:
     """One round; returns this rank's pairs and the 0-d exactness flag of the offer."""
@@ -563,7 +619,7 @@ def _mc_round(
     values, positions = _mc_offer(x, count)  # (c,), (c,)
     offer = values.new_full((width,), _PAD)
     offer[:count] = values
-    pool = _all_gather(offer, world, group, stats)  # (R, width)
+    pool = opts.all_gather(offer, world)  # (R, width)
     valid = _row_masks(counts, width, x.device)[:, None, :]  # (R, 1, width)
     # the T-th largest pooled value; padding (-1) ranks below every real value
     tau = _kth_largest(pool.reshape(-1), budget).reshape(1)  # (1,)
@@ -586,15 +642,7 @@ def _mc_round(
 
 
 def mutual_choice_pairs_distributed(
-    hidden_pre: torch.Tensor,
-    k: float,
-    *,
-    group: ProcessGroup | None = None,
-    rank_sizes: Sequence[int] | None = None,
-    method: DistributedMethod = "auto",
-    slack: float = 2.0,
-    validate: bool = True,
-    stats: CollectiveStats | None = None,
+    hidden_pre: torch.Tensor, k: float, **options: Unpack[DistributedOptions]
 ) -> ChoicePairs:
     """Mutual Choice over the concatenated batch of all ranks; this rank's pairs.
 
@@ -608,16 +656,18 @@ def mutual_choice_pairs_distributed(
         k: expected L0 per token, as for
             :func:`~sae_lens_choice.allocation.mutual_choice_pairs`.
         group: process group (default: the world).
-        rank_sizes: every rank's token count in rank order; ``None`` gathers
-            them (:func:`gather_sizes`: one small collective and a read-back).
+        rank_sizes: every rank's token count in rank order; ``None`` (the
+            default) gathers them (:func:`gather_sizes`: one small collective
+            and a read-back).
         method: ``"candidates"`` (each rank offers about ``slack`` times its
             share of T, checks exactness on the gathered pool and, if needed,
             runs a ``"full"`` round; one host read-back), ``"full"`` (each rank
-            offers ``min(T, N_r F)``; no host read-back), ``"auto"``
-            (``"candidates"`` on CPU, ``"full"`` elsewhere).
-        slack: over-offer factor of the candidate round (>= 1).
-        validate: check this rank's input for NaN/inf (one read-back).
-        stats: counters to add this call's communication to.
+            offers ``min(T, N_r F)``; no host read-back), ``"auto"`` (the
+            default: ``"candidates"`` on CPU, ``"full"`` elsewhere).
+        slack: over-offer factor of the candidate round (>= 1; default 2).
+        validate: check this rank's input for NaN/inf (one read-back; default
+            ``True``).
+        stats: counters to add this call's communication to (default: none).
 
     Returns:
         :class:`~sae_lens_choice.allocation.ChoicePairs` with local token
@@ -628,41 +678,36 @@ def mutual_choice_pairs_distributed(
     :func:`~sae_lens_choice.allocation.mutual_choice_pairs` (``"full"`` maps
     to its ``"flat"``).
     """
-    _check_method(method, slack)
-    if not is_distributed(group):
-        n_tokens = _local_matrix(hidden_pre).shape[0]
-        if rank_sizes is not None and list(rank_sizes) != [n_tokens]:
-            raise ValueError(f"rank_sizes must be [{n_tokens}] without other ranks")
-        local_method = _SINGLE_PROCESS_METHOD[method]
-        return mutual_choice_pairs(hidden_pre, k, method=local_method, validate=validate)
+    opts = _Options(**options)
+    if opts.single_process(hidden_pre):
+        local_method = _SINGLE_PROCESS_METHOD[opts.method]
+        return mutual_choice_pairs(hidden_pre, k, method=local_method, validate=opts.validate)
     x = _local_matrix(hidden_pre)  # (N_r, F)
-    n_local, d_sae = x.shape
+    d_sae = x.shape[1]
     check_number(k, "k", gt=0, le=d_sae, hint="k is the expected L0 per token, at most d_sae")
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    sizes = _resolve_sizes(n_local, rank_sizes, group, x.device, rank, world)
-    if validate:
+    rank, sizes = opts.rank_and_sizes(x)
+    if opts.validate:
         check_finite(x)
     n_total = sum(sizes)
     budget = min(batch_budget(k, n_total), n_total * d_sae)
     if budget == 0:
         return _empty_pairs(x)
-    if stats is not None:
-        stats.selections += 1
-    counts, checked = _mc_counts(budget, sizes, d_sae, _resolve_method(method, x.device), slack)
+    opts.count("selections")
+    counts, checked = _mc_counts(
+        budget, sizes, d_sae, _resolve_method(opts.method, x.device), opts.slack
+    )
     with torch.no_grad():
         if checked:
             complete = [c == n * d_sae for c, n in zip(counts, sizes)]
-            pairs, exact = _mc_round(x, budget, counts, complete, rank, group, stats, scan=False)
-            if stats is not None:
-                stats.checked_rounds += 1
+            pairs, exact = _mc_round(x, budget, counts, complete, rank, opts, scan=False)
+            opts.count("checked_rounds")
             # identical on every rank (same pool, same arithmetic): all branch alike
             if bool(exact):
                 return pairs
-            if stats is not None:
-                stats.fallbacks += 1
-            counts, _ = _mc_counts(budget, sizes, d_sae, "full", slack)
+            opts.count("fallbacks")
+            counts, _ = _mc_counts(budget, sizes, d_sae, "full", opts.slack)
         complete = [c == n * d_sae for c, n in zip(counts, sizes)]
-        pairs, _ = _mc_round(x, budget, counts, complete, rank, group, stats, scan=True)
+        pairs, _ = _mc_round(x, budget, counts, complete, rank, opts, scan=True)
         return pairs
 
 
@@ -751,12 +796,7 @@ def feature_choice_pairs_distributed(
     capacities: torch.Tensor,
     *,
     plan: FeatureChoicePlan | None = None,
-    group: ProcessGroup | None = None,
-    rank_sizes: Sequence[int] | None = None,
-    method: DistributedMethod = "auto",
-    slack: float = 2.0,
-    validate: bool = True,
-    stats: CollectiveStats | None = None,
+    **options: Unpack[DistributedOptions],
 ) -> ChoicePairs:
     """Feature Choice over the concatenated batch of all ranks; this rank's pairs.
 
@@ -790,16 +830,12 @@ def feature_choice_pairs_distributed(
 
     Not distributed: exactly :func:`~sae_lens_choice.allocation.feature_choice_pairs`.
     """
-    _check_method(method, slack)
-    if not is_distributed(group):
-        n_tokens = _local_matrix(hidden_pre).shape[0]
-        if rank_sizes is not None and list(rank_sizes) != [n_tokens]:
-            raise ValueError(f"rank_sizes must be [{n_tokens}] without other ranks")
-        return feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=validate)
+    opts = _Options(**options)
+    if opts.single_process(hidden_pre):
+        return feature_choice_pairs(hidden_pre, capacities, plan=plan, validate=opts.validate)
     x = _local_matrix(hidden_pre)  # (N_r, F)
-    n_local, d_sae = x.shape
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    sizes = _resolve_sizes(n_local, rank_sizes, group, x.device, rank, world)
+    d_sae = x.shape[1]
+    rank, sizes = opts.rank_and_sizes(x)
     n_total = sum(sizes)
     if plan is None:
         k_max = int(capacities.max())
@@ -810,37 +846,34 @@ def feature_choice_pairs_distributed(
             f"plan was made for (n_tokens={plan.n_tokens}, d_sae={plan.d_sae}) but the ranks "
             f"hold (n_tokens={n_total}, d_sae={d_sae}) together; build it for the global N"
         )
-    if validate:
+    if opts.validate:
         _check_fc_inputs(capacities, plan, n_total, d_sae)
         check_finite(x)
     if not plan.groups:
         return _empty_pairs(x)
-    if stats is not None:
-        stats.selections += 1
+    opts.count("selections")
     xt = x.t()  # (F, N_r)
     if not xt.is_contiguous():
         xt = xt.contiguous()
     caps = capacities.to(device=x.device, dtype=torch.long)
     order = None if plan.order is None else plan.order.to(x.device)
-    counts, checked = _fc_counts(plan, sizes, _resolve_method(method, x.device), slack)
+    counts, checked = _fc_counts(plan, sizes, _resolve_method(opts.method, x.device), opts.slack)
     with torch.no_grad():
-        pairs, ok = _fc_round(xt, caps, plan, order, counts, checked, sizes, rank, group, stats)
+        pairs, ok = _fc_round(xt, caps, plan, order, counts, checked, sizes, rank, opts)
         if not any(checked):
             return pairs
-        if stats is not None:
-            stats.checked_rounds += 1
+        opts.count("checked_rounds")
         # identical on every rank (same pool, same arithmetic): all branch alike
         failed = (~ok).nonzero().reshape(-1)  # (f,) latents whose offers were too short
         if failed.numel() == 0:
             return pairs
-        if stats is not None:
-            stats.fallbacks += 1
+        opts.count("fallbacks")
         # a second round for those latents only, with full offers; latents are
         # independent, so the others keep their first-round pairs
         redo = _subplan(plan, order, failed, n_total)
-        redo_counts, redo_checked = _fc_counts(redo, sizes, "full", slack)
+        redo_counts, redo_checked = _fc_counts(redo, sizes, "full", opts.slack)
         again, _ = _fc_round(
-            xt, caps, redo, redo.order, redo_counts, redo_checked, sizes, rank, group, stats
+            xt, caps, redo, redo.order, redo_counts, redo_checked, sizes, rank, opts
         )
         keep = ~torch.isin(pairs.latent_idx, failed)  # drop the failed latents' slots
         return ChoicePairs(
@@ -881,8 +914,7 @@ def _fc_round(
     checked: list[bool],
     sizes: list[int],
     rank: int,
-    group: ProcessGroup | None,
-    stats: CollectiveStats | None,
+    opts: _Options,
 ) -> tuple[ChoicePairs, torch.Tensor]:
     """One Feature Choice round over all plan groups (one all-gather).
 
@@ -910,7 +942,7 @@ def _fc_round(
         offer[:, :count] = values
         offers.append(offer.reshape(-1))
         blocks.append((latents, block, values, tokens, width))
-    pool_all = _all_gather(torch.cat(offers), world, group, stats)  # (R, sum_g g * width_g)
+    pool_all = opts.all_gather(torch.cat(offers), world)  # (R, sum_g g * width_g)
 
     token_parts, latent_parts, value_parts = [], [], []
     ok = torch.ones(xt.shape[0], dtype=torch.bool, device=device)  # (F,)
