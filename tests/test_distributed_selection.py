@@ -36,7 +36,7 @@ import socket
 import sys
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -183,6 +183,12 @@ def _fc_case(name: str, x: np.ndarray, sizes: list[int], k: float, seed: int, **
 CHECKED, FALLBACK, FULL = (1, 0), (1, 1), (0, 0)
 
 
+def _and_full(case: Case, full_name: str | None = None) -> list[Case]:
+    """``case``, then the same selection with ``method="full"`` (no candidate round)."""
+    name = full_name or f"{case.name} full"
+    return [case, replace(case, name=name, method="full", path=FULL)]
+
+
 def _cases(world: int) -> list[Case]:
     """The same kinds of inputs for 2 and 3 ranks; ``path`` pins which code path ran."""
     sizes = {2: [7, 12], 3: [5, 9, 6]}[world]
@@ -206,18 +212,20 @@ def _cases(world: int) -> list[Case]:
             tie_free=True,
             path={2: FULL, 3: CHECKED}[world],
         ),
-        Case(
-            "mc random candidates slack=1.1",
-            "mc",
-            _matrix(2, n, f, "normal"),
-            sizes,
-            k=1.5,
-            method="candidates",
-            slack=1.1,
-            tie_free=True,
-            path={2: CHECKED, 3: FALLBACK}[world],
+        *_and_full(
+            Case(
+                "mc random candidates slack=1.1",
+                "mc",
+                _matrix(2, n, f, "normal"),
+                sizes,
+                k=1.5,
+                method="candidates",
+                slack=1.1,
+                tie_free=True,
+                path={2: CHECKED, 3: FALLBACK}[world],
+            ),
+            "mc random full",
         ),
-        Case("mc random full", "mc", _matrix(2, n, f, "normal"), sizes, k=1.5, method="full"),
         Case(
             "mc float64 gathered sizes",
             "mc",
@@ -228,43 +236,21 @@ def _cases(world: int) -> list[Case]:
             pass_sizes=False,
             tie_free=True,
         ),
-        Case(
-            "mc ties",
-            "mc",
-            _matrix(4, n, f, "ints"),
-            sizes,
-            k=2.5,
-            slack=1.1,
-            path=FALLBACK,
+        *_and_full(
+            Case("mc ties", "mc", _matrix(4, n, f, "ints"), sizes, k=2.5, slack=1.1, path=FALLBACK)
         ),
-        Case(
-            "mc ties full",
-            "mc",
-            _matrix(4, n, f, "ints"),
-            sizes,
-            k=2.5,
-            method="full",
-            path=FULL,
+        *_and_full(
+            Case(
+                "mc ties inside offers",
+                "mc",
+                _planted(40, sizes, f, mc_planted, twos=8, per_latent=False),
+                sizes,
+                k=1.0,
+                slack=1.3,
+                path=CHECKED,
+            )
         ),
-        Case(
-            "mc ties inside offers",
-            "mc",
-            _planted(40, sizes, f, mc_planted, twos=8, per_latent=False),
-            sizes,
-            k=1.0,
-            slack=1.3,
-            path=CHECKED,
-        ),
-        Case(
-            "mc ties inside offers full",
-            "mc",
-            _planted(40, sizes, f, mc_planted, twos=8, per_latent=False),
-            sizes,
-            k=1.0,
-            method="full",
-        ),
-        Case("mc all equal", "mc", _matrix(0, n, f, "equal"), sizes, k=1.3, slack=1.0),
-        Case("mc all equal full", "mc", _matrix(0, n, f, "equal"), sizes, k=1.3, method="full"),
+        *_and_full(Case("mc all equal", "mc", _matrix(0, n, f, "equal"), sizes, k=1.3, slack=1.0)),
         Case("mc beyond positives", "mc", _matrix(5, n, f, "negative"), sizes, k=f / 2),
         Case(
             "mc beyond positives candidates",
@@ -287,53 +273,39 @@ def _cases(world: int) -> list[Case]:
             slack=1.0,
             path=FALLBACK,
         ),
-        Case("mc bfloat16", "mc", _matrix(8, n, f, "coarse"), sizes, dtype="bfloat16", k=4),
-        Case(
-            "mc bfloat16 full",
-            "mc",
-            _matrix(8, n, f, "coarse"),
-            sizes,
-            dtype="bfloat16",
-            k=4,
-            method="full",
+        *_and_full(
+            Case("mc bfloat16", "mc", _matrix(8, n, f, "coarse"), sizes, dtype="bfloat16", k=4)
         ),
         Case(
             "mc leading dims", "mc", _matrix(9, sum(even), f, "ints"), even, k=2, local_shape="3d"
         ),
         # Feature Choice
         _fc_case("fc zipf", _matrix(10, n, f, "normal"), sizes, 3, 10, tie_free=True),
-        _fc_case(
-            "fc zipf candidates slack=1.1",
-            _matrix(11, n, f, "normal"),
-            sizes,
-            2.5,
-            11,
-            method="candidates",
-            slack=1.1,
-            tie_free=True,
+        *_and_full(
+            _fc_case(
+                "fc zipf candidates slack=1.1",
+                _matrix(11, n, f, "normal"),
+                sizes,
+                2.5,
+                11,
+                method="candidates",
+                slack=1.1,
+                tie_free=True,
+            ),
+            "fc zipf full",
         ),
-        _fc_case("fc zipf full", _matrix(11, n, f, "normal"), sizes, 2.5, 11, method="full"),
-        _fc_case("fc zipf ties", _matrix(12, n, f, "ints"), sizes, 3, 12, slack=1.0),
-        _fc_case("fc zipf ties full", _matrix(12, n, f, "ints"), sizes, 3, 12, method="full"),
-        _fc_case(
-            "fc ties inside offers",
-            _planted(50, sizes, f, fc_planted, twos=3, per_latent=True),
-            sizes,
-            c_fc * f / n,
-            50,
-            capacity="uniform",
-            slack=1.0,
-            path=CHECKED,
-        ),
-        _fc_case(
-            "fc ties inside offers full",
-            _planted(50, sizes, f, fc_planted, twos=3, per_latent=True),
-            sizes,
-            c_fc * f / n,
-            50,
-            capacity="uniform",
-            method="full",
-            path=FULL,
+        *_and_full(_fc_case("fc zipf ties", _matrix(12, n, f, "ints"), sizes, 3, 12, slack=1.0)),
+        *_and_full(
+            _fc_case(
+                "fc ties inside offers",
+                _planted(50, sizes, f, fc_planted, twos=3, per_latent=True),
+                sizes,
+                c_fc * f / n,
+                50,
+                capacity="uniform",
+                slack=1.0,
+                path=CHECKED,
+            )
         ),
         _fc_case("fc all equal", _matrix(0, n, f, "equal"), sizes, 2, 13, slack=1.0),
         _fc_case(
