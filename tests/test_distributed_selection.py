@@ -32,7 +32,6 @@ import math
 import multiprocessing as mp
 import os
 import queue as queue_module
-import socket
 import sys
 import traceback
 import types
@@ -80,6 +79,7 @@ from sae_lens_choice.distributed import (  # noqa: E402
     mutual_choice_pairs_distributed,
     mutual_choice_volume,
 )
+from tests.process_groups import free_port, join_local_group  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # A worker that does not answer by then is hung: the test fails instead of blocking.
@@ -412,12 +412,6 @@ def _reference_fc(x: torch.Tensor, caps: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     # bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly
     return (t.float() if t.dtype == torch.bfloat16 else t).detach().cpu().numpy()
@@ -557,13 +551,7 @@ def _worker(
         # the selection modules are pure: they must not have pulled in SAELens
         loaded = sorted(m for m in sys.modules if m.split(".")[0] == "sae_lens")
         assert not loaded, f"a pure module imported SAELens: {loaded}"
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        join_local_group(rank, world, port, timeout_s)
         results.put((rank, "ok", JOBS[job](rank, world, payload, event)))
     except BaseException as err:
         results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
@@ -583,7 +571,7 @@ def _run_group(
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     event = ctx.Event()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world, port, job, payload, results, event, timeout_s))
         for r in range(world)

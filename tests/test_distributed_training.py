@@ -35,14 +35,12 @@ import functools
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +69,7 @@ from tests.helpers import (
     sparse_activations,
     tiny_model,
 )
+from tests.process_groups import free_port, join_local_group
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -358,13 +357,7 @@ def _worker(rank: int, world: int, port: int, stages: list[str], tmp: Path) -> N
     torch.set_num_threads(1)
     os.environ["WANDB_MODE"] = "disabled"
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-        )
+        join_local_group(rank, world, port, GROUP_TIMEOUT_S)
         for stage in stages:
             try:
                 answer = ("ok", STAGES[stage](rank, world, tmp))
@@ -381,19 +374,13 @@ def _worker(rank: int, world: int, port: int, stages: list[str], tmp: Path) -> N
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Group:
     """``world`` spawned ranks running ``stages``; results read back by stage and rank."""
 
     def __init__(self, world: int, stages: list[str], tmp: Path):
         self.world, self.tmp = world, tmp
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.procs = [
             ctx.Process(target=_worker, args=(r, world, port, stages, tmp)) for r in range(world)
         ]
