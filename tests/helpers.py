@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 from sae_lens.saes.sae import SAE, SAEMetadata, TrainStepInput, TrainStepOutput
 
 from sae_lens_choice import REGISTRATIONS
@@ -170,6 +171,56 @@ def tiny_model(
 def token_rows(n_rows: int, seed: int, *, n_ctx: int = 16, d_vocab: int = 64) -> torch.Tensor:
     """(n_rows, n_ctx) random token ids."""
     return torch.randint(0, d_vocab, (n_rows, n_ctx), generator=torch.Generator().manual_seed(seed))
+
+
+#: Where the runner tests hook :func:`tiny_model`: its one block's residual output.
+TINY_HOOK = "blocks.0.hook_resid_post"
+
+
+def token_dataset(n_rows: int = 64, *, seed: int = 0) -> Any:
+    """A local tokenized dataset for SAELens's runners and :func:`tiny_model`.
+
+    ``n_rows`` rows of 16 random token ids in [1, 64) under ``seed``.
+    """
+    import datasets
+
+    tokens = torch.randint(1, 64, (n_rows, 16), generator=torch.Generator().manual_seed(seed))
+    return datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
+
+
+def runner_config(sae_cfg: Any, tmp: Path, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
+    """SAELens's runner config training ``sae_cfg`` on :func:`tiny_model` and :func:`token_dataset`.
+
+    24 steps of 64 tokens, no checkpoints, no wandb, everything written under
+    ``tmp``; ``overrides`` replace any field (as SAELens's test helpers do).
+    The model and dataset names are placeholders: pass the real ones to the
+    runner as ``override_model`` / ``override_dataset``.
+    """
+    kwargs: dict[str, Any] = {
+        "sae": sae_cfg,
+        "model_name": "tiny-random",
+        "hook_name": TINY_HOOK,
+        "dataset_path": "local-token-ids",
+        "is_dataset_tokenized": True,
+        "streaming": False,
+        "context_size": 16,
+        "prepend_bos": False,
+        # buffer = n_batches_in_buffer * context_size tokens >= the batch
+        "n_batches_in_buffer": 8,
+        "store_batch_size_prompts": 8,
+        "train_batch_size_tokens": 64,
+        "training_tokens": 64 * 24,
+        "dead_feature_window": 5,
+        "feature_sampling_window": 10,
+        "lr": 3e-3,
+        "n_checkpoints": 0,
+        "checkpoint_path": str(tmp / "checkpoints"),
+        "output_path": str(tmp / "output"),
+        "logger": LoggingConfig(log_to_wandb=False),
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return LanguageModelSAERunnerConfig(**kwargs)
 
 
 def make_trained_sae(

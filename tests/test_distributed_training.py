@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from sae_lens import SAE, JumpReLUSAE, LanguageModelSAERunnerConfig, LoggingConfig
+from sae_lens import SAE, JumpReLUSAE, LanguageModelSAERunnerConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
@@ -64,10 +64,13 @@ from sae_lens_choice.distributed_training import (
 )
 from tests.helpers import (
     REPO_ROOT,
+    TINY_HOOK,
     TRAINING_CLASSES,
     checkpoint_dirs,
+    runner_config,
     sparse_activations,
     tiny_model,
+    token_dataset,
 )
 from tests.process_groups import free_port, join_local_group
 
@@ -213,25 +216,14 @@ def _stage_steps(rank: int, world: int, tmp: Path) -> dict[str, Any]:
     return out
 
 
-CONTEXT = 16
-HOOK = "blocks.0.hook_resid_post"
-
-
 def _runner_config(tmp: Path, **overrides: Any) -> LanguageModelSAERunnerConfig[Any]:
     from sae_lens_choice import FeatureChoiceTrainingSAEConfig
 
-    kwargs: dict[str, Any] = {
-        "sae": FeatureChoiceTrainingSAEConfig(
-            d_in=16, d_sae=64, k=4, aux_loss="aux_zipf", zipf_refit_every=3,
-            threshold_calibration_tokens=96,
-        ),
-        "model_name": "tiny-random",
-        "hook_name": HOOK,
-        "dataset_path": "local-token-ids",
-        "is_dataset_tokenized": True,
-        "streaming": False,
-        "context_size": CONTEXT,
-        "prepend_bos": False,
+    sae_cfg = FeatureChoiceTrainingSAEConfig(
+        d_in=16, d_sae=64, k=4, aux_loss="aux_zipf", zipf_refit_every=3,
+        threshold_calibration_tokens=96,
+    )  # fmt: skip
+    data_parallel: dict[str, Any] = {
         # one LLM batch of 4 x 16 tokens fills the buffer and is one rank's batch:
         # SAELens checkpoints the dataset position, not a half-served buffer, so
         # this makes every step a point to resume from exactly
@@ -239,25 +231,11 @@ def _runner_config(tmp: Path, **overrides: Any) -> LanguageModelSAERunnerConfig[
         "store_batch_size_prompts": 4,
         "train_batch_size_tokens": 128,  # 64 per rank
         "training_tokens": 128 * 12,
-        "dead_feature_window": 5,
-        "feature_sampling_window": 10,
-        "lr": 3e-3,
         "n_checkpoints": 1,
-        "checkpoint_path": str(tmp / "checkpoints"),
-        "output_path": str(tmp / "output"),
-        "logger": LoggingConfig(log_to_wandb=False),
         # an unmixed stream resumes exactly (SAELens does not checkpoint the mixing buffer)
         "activations_mixing_fraction": 0.0,
-    }  # fmt: skip
-    kwargs.update(overrides)
-    return LanguageModelSAERunnerConfig(**kwargs)
-
-
-def _token_dataset() -> Any:
-    import datasets
-
-    tokens = torch.randint(1, 64, (64, CONTEXT), generator=torch.Generator().manual_seed(0))
-    return datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
+    }
+    return runner_config(sae_cfg, tmp, **{**data_parallel, **overrides})
 
 
 class _RecordingRunner(DistributedLanguageModelSAETrainingRunner):
@@ -268,8 +246,8 @@ class _RecordingRunner(DistributedLanguageModelSAETrainingRunner):
     def __init__(self, cfg: Any) -> None:
         super().__init__(
             cfg,
-            override_model=tiny_model(d_model=16, n_ctx=CONTEXT),
-            override_dataset=_token_dataset(),
+            override_model=tiny_model(),
+            override_dataset=token_dataset(),
         )
         self.saves = {"save_final_sae": 0, "save_model": 0, "save_inference_model": 0}
         for name in ("save_model", "save_inference_model"):
@@ -610,16 +588,12 @@ _OFFLINE_WORKERS = textwrap.dedent(
     import os, sys
     if "RANK" in os.environ:
         sys.path.insert(0, {repo!r})
-        import datasets, torch
         from sae_lens_choice import distributed_training
-        from tests.helpers import tiny_model
+        from tests.helpers import tiny_model, token_dataset
 
         class OfflineRunner(distributed_training.DistributedLanguageModelSAETrainingRunner):
             def __init__(self, cfg, **kwargs):
-                g = torch.Generator().manual_seed(0)
-                tokens = torch.randint(1, 64, (64, 16), generator=g)
-                dataset = datasets.Dataset.from_dict({{"input_ids": tokens.tolist()}})
-                model = tiny_model(d_model=16, n_ctx=16)
+                model, dataset = tiny_model(), token_dataset()
                 super().__init__(cfg, override_model=model, override_dataset=dataset)
 
         distributed_training.DistributedLanguageModelSAETrainingRunner = OfflineRunner
@@ -636,7 +610,7 @@ def test_train_command_launches_itself_under_torchrun(tmp_path: Path) -> None:
     args = [
         "--nproc-per-node", "2", "--dist-timeout", "60",
         "--architecture", "mutual_choice", "--d_in", "16", "--d_sae", "64", "--k", "4",
-        "--model_name", "tiny-random", "--hook_name", HOOK, "--dataset_path", "local",
+        "--model_name", "tiny-random", "--hook_name", TINY_HOOK, "--dataset_path", "local",
         "--is_dataset_tokenized", "true", "--streaming", "false", "--prepend_bos", "false",
         "--context_size", "16", "--store_batch_size_prompts", "4", "--n_batches_in_buffer", "8",
         "--train_batch_size_tokens", "128", "--training_tokens", "768",

@@ -50,27 +50,31 @@ from sae_lens_choice import (
     compute_thresholds,
 )
 from sae_lens_choice.zipf import fit_rank_window, fit_zipf, underused_mask
-from tests.helpers import ARCHS, REPO_ROOT, checkpoint_dirs, l0
+from tests.helpers import (
+    ARCHS,
+    REPO_ROOT,
+    TINY_HOOK,
+    checkpoint_dirs,
+    l0,
+    runner_config,
+)
 from tests.helpers import tiny_model as make_tiny_model
+from tests.helpers import token_dataset as make_token_dataset
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 D_MODEL = 16
 D_SAE = 64
-CONTEXT = 16
-HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> Any:
-    return make_tiny_model(d_model=D_MODEL, n_ctx=CONTEXT)
+    return make_tiny_model(d_model=D_MODEL)
 
 
 @pytest.fixture(scope="module")
 def token_dataset() -> datasets.Dataset:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 64, (64, CONTEXT), generator=g)
-    return datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
+    return make_token_dataset()
 
 
 def sae_config(arch: str, **overrides: Any) -> Any:
@@ -80,36 +84,6 @@ def sae_config(arch: str, **overrides: Any) -> Any:
         kwargs.setdefault("aux_loss", "aux_zipf")  # exercise the aux path for both
         return FeatureChoiceTrainingSAEConfig(**kwargs)
     return MutualChoiceTrainingSAEConfig(**kwargs)
-
-
-def runner_config(
-    sae_cfg: Any, tmp_path: Path, **overrides: Any
-) -> LanguageModelSAERunnerConfig[Any]:
-    kwargs: dict[str, Any] = {
-        "sae": sae_cfg,
-        "model_name": "tiny-random",
-        "hook_name": HOOK,
-        "dataset_path": "local-token-ids",
-        "is_dataset_tokenized": True,
-        "streaming": False,
-        "context_size": CONTEXT,
-        "prepend_bos": False,
-        # buffer = n_batches_in_buffer * context_size tokens >= the batch
-        "n_batches_in_buffer": 8,
-        "store_batch_size_prompts": 8,
-        "train_batch_size_tokens": 64,
-        "training_tokens": 64 * 24,
-        "dead_feature_window": 5,
-        "feature_sampling_window": 10,
-        "lr": 3e-3,
-        "n_checkpoints": 0,
-        "checkpoint_path": str(tmp_path / "checkpoints"),
-        "output_path": str(tmp_path / "output"),
-        "logger": LoggingConfig(log_to_wandb=False),
-        "seed": 0,
-    }
-    kwargs.update(overrides)
-    return LanguageModelSAERunnerConfig(**kwargs)
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +113,7 @@ def test_language_model_runner_trains_saves_and_loads(
     # SAELens's own architecture: loads anywhere
     loaded = SAE.load_from_disk(output)
     assert type(loaded) is JumpReLUSAE
-    assert loaded.cfg.metadata.hook_name == HOOK
+    assert loaded.cfg.metadata.hook_name == TINY_HOOK
     assert loaded.cfg.metadata.training_architecture == arch
     assert loaded.cfg.metadata.training_architecture_details["k"] == 4
 
@@ -188,7 +162,7 @@ def test_runner_config_from_dict_builds_our_training_config(arch: str) -> None:
         },
         "logger": {"log_to_wandb": False},
         "model_name": "tiny-random",
-        "hook_name": HOOK,
+        "hook_name": TINY_HOOK,
     }
     cfg = LanguageModelSAERunnerConfig.from_dict(cfg_dict)
     expected_type = (
@@ -296,17 +270,14 @@ _KILLABLE = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    import datasets, torch
+    import torch
     from sae_lens import LanguageModelSAETrainingRunner
     import sae_lens_choice  # noqa: F401
-    from tests.helpers import tiny_model
-    from tests.test_runner import runner_config, sae_config, EXACT_STREAM
+    from tests.helpers import runner_config, tiny_model, token_dataset
+    from tests.test_runner import sae_config, EXACT_STREAM
 
     torch.set_num_threads(1)
     out, mode, resume = Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 64, (64, 16), generator=g)
-    dataset = datasets.Dataset.from_dict({{"input_ids": tokens.tolist()}})
 
     class Runner(LanguageModelSAETrainingRunner):
         def save_checkpoint(self, checkpoint_path):
@@ -321,7 +292,7 @@ _KILLABLE = textwrap.dedent(
         out, n_checkpoints=1 if mode == "pause" else 0, training_tokens=64 * 30,
         resume_from_checkpoint=resume, output_path=str(out / ("output_" + mode)), **EXACT_STREAM,
     )
-    Runner(cfg, override_model=tiny_model(d_model=16, n_ctx=16), override_dataset=dataset).run()
+    Runner(cfg, override_model=tiny_model(), override_dataset=token_dataset()).run()
     """
 )
 
