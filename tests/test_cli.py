@@ -201,21 +201,29 @@ def test_train_without_arguments_shows_help(capsys: pytest.CaptureFixture[str]) 
 # ---------------------------------------------------------------------------
 
 
-def test_parse_full_feature_choice_argument_list() -> None:
-    args = [
-        "--architecture", "feature_choice",
-        *SAELENS_FLAGS,
-        *OUR_SHARED_FLAGS,
-        "--capacity", "uniform",
-        "--zipf_alpha", "1.5",
-        "--zipf_beta", "2",
-    ]  # fmt: skip
-    cfg = parse_train_args(args)
-    assert type(cfg.sae) is FeatureChoiceTrainingSAEConfig
-    for name, value in SHARED_VALUES.items():
+# each architecture's own flags and the config values they give
+OWN_FLAGS: dict[str, tuple[type[Any], list[str], dict[str, Any]]] = {
+    "feature_choice": (
+        FeatureChoiceTrainingSAEConfig,
+        ["--capacity", "uniform", "--zipf_alpha", "1.5", "--zipf_beta", "2"],
+        {"capacity": "uniform", "zipf_alpha": 1.5, "zipf_beta": 2.0},
+    ),
+    "mutual_choice": (
+        MutualChoiceTrainingSAEConfig,
+        ["--allocation_method", "flat"],
+        {"allocation_method": "flat"},
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", list(OWN_FLAGS))
+def test_parse_full_argument_list(arch: str) -> None:
+    config_class, own_flags, own_values = OWN_FLAGS[arch]
+    cfg = parse_train_args(["--architecture", arch, *SAELENS_FLAGS, *OUR_SHARED_FLAGS, *own_flags])
+    assert type(cfg.sae) is config_class
+    for name, value in {**SHARED_VALUES, **own_values}.items():
         assert getattr(cfg.sae, name) == value, name
     assert isinstance(cfg.sae.zipf_fit_rank_window, tuple)
-    assert (cfg.sae.capacity, cfg.sae.zipf_alpha, cfg.sae.zipf_beta) == ("uniform", 1.5, 2.0)
     assert cfg.model_name == "tiny-random"
     assert cfg.hook_name == HOOK
     assert cfg.training_tokens == 4096
@@ -225,20 +233,6 @@ def test_parse_full_feature_choice_argument_list() -> None:
     assert cfg.streaming is False
     assert cfg.logger.log_to_wandb is False
     assert cfg.logger.wandb_project == "choice-tests"
-
-
-def test_parse_full_mutual_choice_argument_list() -> None:
-    args = [
-        "--architecture", "mutual_choice",
-        *SAELENS_FLAGS,
-        *OUR_SHARED_FLAGS,
-        "--allocation_method", "flat",
-    ]  # fmt: skip
-    cfg = parse_train_args(args)
-    assert type(cfg.sae) is MutualChoiceTrainingSAEConfig
-    for name, value in SHARED_VALUES.items():
-        assert getattr(cfg.sae, name) == value, name
-    assert cfg.sae.allocation_method == "flat"
 
 
 @pytest.mark.parametrize("arch", ["feature_choice", "mutual_choice", "topk"])
