@@ -151,6 +151,13 @@ HAND = torch.tensor(
         [-2.0, -3.0, 1.0, -0.5],
     ]
 )
+# Its three largest entries (3, 2, 1) in place, zeros elsewhere.
+HAND_TOP3 = torch.tensor(
+    [
+        [3.0, 0.0, 2.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+    ]
+)
 
 
 def test_batch_budget_rounds_half_up() -> None:
@@ -164,42 +171,23 @@ def test_batch_budget_rounds_half_up() -> None:
 def test_token_choice_hand_worked() -> None:
     # k=2. Token 0: 3 (latent 0) and 2 (latent 2).
     # Token 1: 1 (latent 2) and -0.5 (latent 3); relu turns -0.5 into 0, so token 1
-    # keeps only one positive latent.
-    out = token_choice(HAND, 2)
-    expected = torch.tensor(
-        [
-            [3.0, 0.0, 2.0, 0.0],
-            [0.0, 0.0, 1.0, 0.0],
-        ]
-    )
-    torch.testing.assert_close(out, expected)
+    # keeps only one positive latent: 3, 2 and 1 are kept, HAND's three largest.
+    torch.testing.assert_close(token_choice(HAND, 2), HAND_TOP3)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_mutual_choice_hand_worked(method: str) -> None:
     # k=2, N=2 -> T=4 pairs for the batch: 3, 2, 1, 0.5.
     # Token 0 takes three of them (3, 2, 0.5) and token 1 one (1): L0 3 and 1,
-    # mean 2 = k. Token choice would have given token 0 only two.
+    # mean 2 = k. Token choice would have given token 0 only two. The four are
+    # all of HAND's positive entries.
     out = mutual_choice(HAND, 2, method=method, candidates_per_token=2)  # type: ignore[arg-type]
-    expected = torch.tensor(
-        [
-            [3.0, 0.0, 2.0, 0.5],
-            [0.0, 0.0, 1.0, 0.0],
-        ]
-    )
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, HAND.relu())
 
 
 def test_mutual_choice_fractional_k_hand_worked() -> None:
     # k=1.25, N=2 -> T = round(2.5) = 3 pairs (halves round up): 3, 2, 1.
-    out = mutual_choice(HAND, 1.25)
-    expected = torch.tensor(
-        [
-            [3.0, 0.0, 2.0, 0.0],
-            [0.0, 0.0, 1.0, 0.0],
-        ]
-    )
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(mutual_choice(HAND, 1.25), HAND_TOP3)
 
 
 def test_mutual_choice_budget_beyond_positives_keeps_only_positives() -> None:
@@ -225,14 +213,8 @@ def test_feature_choice_hand_worked(use_plan: bool) -> None:
     # latent 3: column (0.5, -0.5), top 1 -> token 0
     capacities = torch.tensor([2, 0, 2, 1])
     plan = plan_feature_choice(capacities, n_tokens=2) if use_plan else None
-    out = feature_choice(HAND, capacities, plan=plan)
-    expected = torch.tensor(
-        [
-            [3.0, 0.0, 2.0, 0.5],
-            [0.0, 0.0, 1.0, 0.0],
-        ]
-    )
-    torch.testing.assert_close(out, expected)
+    # So every positive entry of HAND is kept.
+    torch.testing.assert_close(feature_choice(HAND, capacities, plan=plan), HAND.relu())
 
 
 def test_uniform_capacities_hand_worked() -> None:
