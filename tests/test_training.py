@@ -72,20 +72,32 @@ def step_capacities(sae: FeatureChoiceTrainingSAE, n_tokens: int, step: int) -> 
 # the per-batch budget
 # ---------------------------------------------------------------------------
 
+# 48 tokens, as one (N, d_in) batch and as (3, 16, d_in) (leading dimensions)
+BATCH_SHAPES = pytest.mark.parametrize("shape", [(48,), (3, 16)], ids=["2d", "3d"])
+
+
+def positive_step(
+    arch: str, shape: tuple[int, ...], **overrides: Any
+) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
+    """One step at k = 3.5 with every pre-activation positive: the budget is met exactly.
+
+    Checks the output shapes; returns the SAE, the step's output, and its
+    ``feature_acts`` and ``hidden_pre`` as (N, F) matrices.
+    """
+    sae = make_sae(arch, k=3.5, **overrides)
+    make_all_positive(sae)
+    out = step(sae, inputs(*shape))
+    assert out.feature_acts.shape == (*shape, D_SAE)
+    assert out.sae_out.shape == (*shape, D_IN)
+    return sae, out, as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+
 
 @pytest.mark.parametrize("method", ["auto", "candidates", "flat"])
-@pytest.mark.parametrize("shape", [(48,), (3, 16)], ids=["2d", "3d"])
+@BATCH_SHAPES
 def test_mutual_choice_step_keeps_exactly_round_k_n_pairs(
     method: str, shape: tuple[int, ...]
 ) -> None:
-    sae = make_sae("mutual_choice", k=3.5, allocation_method=method)
-    make_all_positive(sae)
-    x = inputs(*shape)
-    out = step(sae, x)
-
-    assert out.feature_acts.shape == (*shape, D_SAE)
-    assert out.sae_out.shape == x.shape
-    acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+    _, out, acts, hidden_pre = positive_step("mutual_choice", shape, allocation_method=method)
     n_tokens = acts.shape[0]
     # T = round(3.5 * 48) = 168 pairs of the 48 * 32 = 1536 (all positive)
     assert int((acts > 0).sum()) == batch_budget(3.5, n_tokens) == 168
@@ -109,16 +121,11 @@ def test_mutual_choice_keeps_only_positive_entries() -> None:
 
 
 @pytest.mark.parametrize("capacity", ["zipf", "uniform"])
-@pytest.mark.parametrize("shape", [(48,), (3, 16)], ids=["2d", "3d"])
+@BATCH_SHAPES
 def test_feature_choice_step_gives_each_latent_exactly_its_capacity(
     capacity: str, shape: tuple[int, ...]
 ) -> None:
-    sae = make_sae("feature_choice", k=3.5, capacity=capacity)
-    make_all_positive(sae)
-    out = step(sae, inputs(*shape))
-
-    assert out.feature_acts.shape == (*shape, D_SAE)
-    acts, hidden_pre = as_matrix(out.feature_acts), as_matrix(out.hidden_pre)
+    sae, out, acts, hidden_pre = positive_step("feature_choice", shape, capacity=capacity)
     capacities = step_capacities(sae, acts.shape[0], step=0)  # the SAE's first step
     # every latent j fires on exactly m_j tokens; sum m_j = round(k * N)
     torch.testing.assert_close((acts > 0).sum(0), capacities, rtol=0, atol=0)
