@@ -201,8 +201,12 @@ class FeatureChoiceTrainingSAEConfig(FeatureChoiceFields, ChoiceTrainingSAEConfi
     Saved for inference as SAELens's ``jumprelu`` with one threshold per latent.
 
     Args:
-        capacity (str): ``"zipf"`` (c_j proportional to (j + 1 + zipf_beta) **
-            -zipf_alpha, water-filled at N) or ``"uniform"`` (c_j = k * N / F).
+        capacity (str): ``"uniform"`` (c_j = k * N / F; the default) or
+            ``"zipf"`` (the paper's: c_j proportional to (j + 1 + zipf_beta) **
+            -zipf_alpha, water-filled at N). Uniform is the default because it
+            reconstructed better, with more CE loss recovered, in
+            ``benchmarks/convergence.py``'s study on a real LM (results in
+            ``docs/convergence.md``); saved 0.1.0 folders name their capacity.
         capacity_order (str): which latent gets which capacity. ``"index"``
             (the paper's rule): latent j gets the j-th largest, so the Zipf law
             is imposed on latent IDs. ``"density_rank"`` (beyond the paper): the
@@ -213,6 +217,7 @@ class FeatureChoiceTrainingSAEConfig(FeatureChoiceFields, ChoiceTrainingSAEConfi
         zipf_beta (float): Zipf–Mandelbrot offset of the capacities, > -1.
     """
 
+    capacity: Capacity = "uniform"
     aux_loss: Any = "none"
     capacity_order: CapacityOrder = "index"
 
@@ -222,6 +227,13 @@ class FeatureChoiceTrainingSAEConfig(FeatureChoiceFields, ChoiceTrainingSAEConfi
         check_choice(
             self.capacity_order, "capacity_order", CAPACITY_ORDERS, owner="feature_choice config"
         )
+        if self.capacity_order != "index" and self.capacity == "uniform":
+            # every latent has the same uniform capacity: there is nothing to order
+            raise ValueError(
+                f"feature_choice config: capacity_order={self.capacity_order!r} orders Zipf "
+                "capacities, but capacity='uniform' gives every latent the same one; set "
+                "capacity='zipf' (or leave capacity_order='index')"
+            )
 
 
 class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):

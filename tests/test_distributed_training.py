@@ -128,7 +128,12 @@ def _step_cases(world: int) -> list[StepCase]:
             StepCase(
                 "feature_choice_density_rank",
                 "feature_choice",
-                {**choice, "capacity_order": "density_rank", "density_ema_decay": 0.5},
+                {
+                    **choice,
+                    "capacity": "zipf",
+                    "capacity_order": "density_rank",
+                    "density_ema_decay": 0.5,
+                },
             ),
             StepCase("topk", "topk", {"dtype": "float64"}),
             StepCase("batchtopk", "batchtopk", {"dtype": "float64"}, compare=False),

@@ -303,8 +303,28 @@ def test_calibrate_thresholds_on_the_saved_jumprelu_uses_the_metadata(tmp_path: 
     assert counts.tolist() == [512] * D_SAE
 
 
+def test_uniform_is_the_default_capacity_and_a_saved_zipf_sae_keeps_zipf(tmp_path: Path) -> None:
+    from sae_lens_choice.feature_choice_sae import target_densities
+
+    default = trained("feature_choice", n_steps=2)
+    assert default.cfg.capacity == "uniform"
+    sae = trained("feature_choice", n_steps=5, capacity="zipf")
+    sae.save_inference_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    # the saved settings name the capacity, so a later default cannot change it
+    assert choice_settings(loaded)["capacity"] == "zipf"  # type: ignore[index]
+    zipf = target_densities(D_SAE, 4, "zipf", 1.0, 0.0)
+    torch.testing.assert_close(sae.calibration_target().densities, zipf)
+    held_out = sparse_activations(8192, seed=5, d_in=D_IN)
+    calibrate_thresholds(loaded, held_out, show_progress=False)
+    with torch.no_grad():
+        fired = (loaded.encode(held_out) > 0).sum(0).double()
+    # Zipf targets: latent 0 aims at many more tokens than the last latent
+    assert float(fired[:4].mean()) > 4 * float(fired[-16:].mean())
+
+
 def test_density_rank_feature_choice_saves_its_ranking_for_calibration(tmp_path: Path) -> None:
-    sae = trained("feature_choice", n_steps=20, capacity_order="density_rank")
+    sae = trained("feature_choice", n_steps=20, capacity="zipf", capacity_order="density_rank")
     ranking = sae.capacity_ranking()
     assert not torch.equal(ranking, torch.arange(D_SAE))  # training reordered the latents
     sae.save_inference_model(tmp_path / "sae")
@@ -368,7 +388,7 @@ def test_a_jumprelu_exported_by_0_1_0_keeps_its_settings(tmp_path: Path) -> None
     [
         ("mutual_choice", {"allocation_score": "hidden_pre_over_input_norm"}),
         ("feature_choice", {"allocation_score": "hidden_pre_over_input_norm"}),
-        ("feature_choice", {"capacity_order": "density_rank"}),
+        ("feature_choice", {"capacity": "zipf", "capacity_order": "density_rank"}),
     ],
 )
 def test_encode_batch_follows_the_training_options(

@@ -212,6 +212,9 @@ def test_aux_zipf_metrics_are_logged_on_logging_steps_only() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_step_updates_buffers_and_backpropagates(arch: str) -> None:
     sae = make_sae(arch, aux_loss="aux_zipf", zipf_refit_every=1)
+    # the EMA starts at the target densities, which uniform Feature Choice
+    # capacities meet exactly; from 0 any step that fires must move it
+    sae.latent_density_ema.zero_()
     density_before = sae.latent_density_ema.clone()
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:4] = True
@@ -396,6 +399,12 @@ _BAD_CASES = [
     pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": float("inf")}, id="fc-alpha-inf"),
     pytest.param("feature_choice", "zipf_alpha", {"zipf_alpha": "1"}, id="fc-alpha-str"),
     pytest.param("feature_choice", "zipf_beta", {"zipf_beta": float("nan")}, id="fc-beta-nan"),
+    pytest.param(
+        "feature_choice",
+        "capacity_order",
+        {"capacity": "uniform", "capacity_order": "density_rank"},
+        id="fc-order-uniform",
+    ),
     pytest.param(
         "mutual_choice", "allocation_method", {"allocation_method": "bogus"}, id="mc-method"
     ),
