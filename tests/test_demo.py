@@ -105,6 +105,42 @@ def test_demo_prints_table_and_writes_results(demo_run: tuple[int, str, Path]) -
     no_dead = [m["name"] for m in models if m["dead_latents"] == 0]
     assert ("No dead latents: " + (", ".join(no_dead) or "none of them") + ".") in markdown
     assert "not which architecture to choose" in markdown
+    # which model wins what: the sentence follows the table
+    if best["name"] != "topk":
+        assert f"A Choice SAE reconstructs best here: {best['name']}." in markdown
+    elif closest["name"] != "topk":
+        assert f"TopK reconstructs best while {closest['name']} recovers" in markdown
+    else:
+        assert "TopK both reconstructs best and recovers the true features best" in markdown
+
+
+@pytest.mark.parametrize(
+    ("nmse_winner", "mcc_winner", "expected"),
+    [
+        ("topk", "feature_choice_zipf", "TopK reconstructs best while feature_choice_zipf"),
+        ("topk", "topk", "TopK both reconstructs best"),
+        ("mutual_choice", "topk", "A Choice SAE reconstructs best here: mutual_choice."),
+    ],
+)
+def test_trade_off_sentence_names_the_winners(
+    demo_run: tuple[int, str, Path], nmse_winner: str, mcc_winner: str, expected: str
+) -> None:
+    from sae_lens_choice.demo.report import trade_off
+
+    _, _, out = demo_run
+    rows = {m["name"]: m for m in json.loads((out / "results.json").read_text())["models"]}
+
+    class Row:  # the two fields trade_off reads, from the run's own rows
+        def __init__(self, name: str) -> None:
+            self.name, self.mcc = name, rows[name]["mcc"]
+
+    models = {name: Row(name) for name in rows}
+    sentence = trade_off(
+        models["topk"],  # type: ignore[arg-type]
+        models[nmse_winner],  # type: ignore[arg-type]
+        models[mcc_winner],  # type: ignore[arg-type]
+    )
+    assert expected in sentence
 
 
 def test_demo_writes_plots(demo_run: tuple[int, str, Path]) -> None:
