@@ -224,8 +224,10 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             JumpReLU on the pre-activation whichever score trained them, with
             thresholds calibrated to the same L0 and densities.
         aux_loss (str): ``"none"``, ``"aux_k"`` (dead latents reconstruct the
-            residual, as SAELens's TopK) or ``"aux_zipf"`` (dead plus
-            under-used latents by the fitted Zipf curve). With a per-token
+            residual, as SAELens's TopK; Mutual Choice's default, which
+            reconstructed better than ``aux_zipf`` in ``benchmarks/convergence.py``'s
+            study, ``docs/convergence.md``) or ``"aux_zipf"`` (the paper's: dead
+            plus under-used latents by the fitted Zipf curve). With a per-token
             ``normalize_activations`` (``"layer_norm"``,
             ``"constant_norm_rescale"``) the loss works in the normalised space.
         aux_loss_coefficient (float): Multiplies the auxiliary loss.
@@ -263,7 +265,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
 
     k: float = 32  # type: ignore[assignment]
     allocation_score: AllocationScore = "hidden_pre"
-    aux_loss: AuxLoss = "aux_zipf"
+    aux_loss: AuxLoss = "aux_k"
     aux_loss_coefficient: float = 1.0
     zipf_underuse_ratio: float = 0.5
     zipf_fit_rank_window: tuple[float, float] = DEFAULT_RANK_WINDOW

@@ -5,8 +5,9 @@ concurrent work with the paper), so this module has the shape of SAELens's
 ``batchtopk_sae.py``: the activation, the training config, the training SAE
 with a global threshold tracked during training, and export as SAELens's own
 ``jumprelu`` architecture. What this package adds is ``aux_zipf`` (the
-default auxiliary loss), exact thresholds on saving, diagnostics, and a
-faster exact selection on CPU. The 0.1.0 inference architecture
+paper's auxiliary loss; the default is SAELens's ``aux_k``, which the
+convergence study measured better), exact thresholds on saving,
+diagnostics, and a faster exact selection on CPU. The 0.1.0 inference architecture
 (``"architecture": "mutual_choice"``) stays loadable.
 """
 
@@ -85,7 +86,7 @@ class MutualChoiceTrainingSAEConfig(MutualChoiceFields, ChoiceTrainingSAEConfig)
     """Configuration for training a Mutual Choice SAE (``architecture="mutual_choice"``).
 
     The batch keeps its round(k * N) largest pre-activations, wherever they
-    fall (the same set as SAELens's ``batchtopk``). Defaults to ``aux_zipf``.
+    fall (the same set as SAELens's ``batchtopk``). Defaults to ``aux_k``.
     Saved for inference as SAELens's ``jumprelu`` with one global threshold.
 
     Args:

@@ -421,6 +421,20 @@ def test_invalid_training_config_names_the_field(
     assert arch in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("arch", "defaults"),
+    [
+        ("mutual_choice", {"aux_loss": "aux_k"}),
+        ("feature_choice", {"aux_loss": "none", "capacity": "uniform"}),
+    ],
+)
+def test_defaults_are_the_best_measured_configuration(arch: str, defaults: dict[str, Any]) -> None:
+    # what docs/convergence.md measured best (README "Results"); the paper's
+    # aux_zipf and Zipf capacities stay one field away
+    cfg = TRAINING_CLASSES[arch][1](d_in=D_IN, d_sae=D_SAE, k=4)
+    assert {field: getattr(cfg, field) for field in defaults} == defaults
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_valid_config_accepts_every_documented_value(arch: str) -> None:
     # the other side of the table above: each checked field at a valid value
