@@ -48,7 +48,11 @@ is trained to that budget.
 
 Resumable: one folder per (source, arch, k, seed) under ``--work-dir``, with
 the latest SAELens checkpoint (weights, sparsity, trainer state, activation
-scaler) and one JSON of evaluations per checkpoint token count. A killed run
+scaler) and one JSON of evaluations per checkpoint token count. The JSON files
+(never the checkpoints) are copied into ``--results-dir``
+(``benchmarks/results/convergence``, committed with the repository), which is
+what the report reads: the evidence outlives the machine that produced it, and
+``--report`` regenerates the docs from a fresh clone. A killed run
 continues from its last checkpoint (the data position is a function of the
 trainer's ``n_training_samples``; torch's RNG is reseeded from it at every
 checkpoint, so a resumed run trains as an uninterrupted one); stored
@@ -96,11 +100,13 @@ import torch
 from sae_lens_choice.demo.architectures import ARCHITECTURE_TABLE, Architecture
 
 __all__ = [
+    "DEFAULT_RESULTS_DIR",
     "DEFAULT_WORK_DIR",
     "STUDY_ARCHITECTURES",
     "BudgetExhausted",
     "RunSpec",
     "StudySettings",
+    "archive_results",
     "checkpoint_schedule",
     "main",
     "parse_args",
@@ -169,6 +175,9 @@ FINAL_SEEDS = (0, 1)
 SCREEN_K = 16
 
 DEFAULT_WORK_DIR = Path("~/.cache/sae_lens_choice/convergence")
+#: The study's record in the repository: every evaluation, run description and
+#: budget decision, without checkpoints (what the report reads).
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results" / "convergence"
 QUICK_WORK_DIR = Path(tempfile.gettempdir()) / "sae_lens_choice_convergence_quick"
 MODES = ("threshold", "batch")
 
@@ -1157,6 +1166,82 @@ def estimate(
     return out
 
 
+# -------------------------------------------------------------------------- archive
+
+#: Files of a study folder the report reads, and whether a stored copy may be
+#: replaced: decisions and descriptions are rewritten, an evaluation never is.
+_STUDY_FILES = ("source.json", "budget_k*.json")
+_RUN_FILES = ("run.json", "config.json")
+
+
+def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySettings]) -> int:
+    """Copy what the report reads from ``work_dir`` into ``results_dir``; returns files written.
+
+    The work dir holds checkpoints (~100 MB a run) and lives outside the
+    repository, on one machine; ``results_dir`` (by default
+    :data:`DEFAULT_RESULTS_DIR`, in the repository) keeps only the small JSON
+    files, so the report regenerates from a fresh clone and evidence gathered on
+    several machines or work dirs adds up. A stored evaluation is never replaced:
+    a retrained run (say, on a new machine) keeps the first record of each
+    checkpoint, and a printed line says where its NMSE differs.
+
+    Raises:
+        RuntimeError: if a run folder of the same name describes another run.
+    """
+    written = 0
+
+    def put(src: Path, dst: Path, replace: bool) -> None:
+        nonlocal written
+        data = _read_json(src)
+        if dst.is_file():
+            stored = _read_json(dst)
+            if not replace:
+                if _nmse_differs(stored, data):
+                    print(
+                        f"note: {dst} keeps its stored evaluation; the work dir's "
+                        f"({src}) differs in NMSE",
+                        flush=True,
+                    )
+                return
+            if json.dumps(stored, sort_keys=True) == json.dumps(data, sort_keys=True):
+                return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(dst, data)
+        written += 1
+
+    for study in studies:
+        base = work_dir / study.key()
+        if not base.is_dir():
+            continue
+        out = results_dir / study.key()
+        for pattern in _STUDY_FILES:
+            for path in sorted(base.glob(pattern)):
+                put(path, out / path.name, replace=True)
+        for run_dir in sorted(p for p in base.iterdir() if (p / "run.json").is_file()):
+            target = out / run_dir.name
+            stored = target / "run.json"
+            if stored.is_file() and _read_json(stored) != _read_json(run_dir / "run.json"):
+                raise RuntimeError(
+                    f"{stored} describes another run than {run_dir / 'run.json'}; the "
+                    "results dir is never overwritten: move one of them aside"
+                )
+            for name in _RUN_FILES:
+                if (run_dir / name).is_file():
+                    put(run_dir / name, target / name, replace=True)
+            for path in sorted((run_dir / "evals").glob("tokens_*.json")):
+                put(path, target / "evals" / path.name, replace=False)
+    return written
+
+
+def _nmse_differs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two evaluations of one checkpoint disagree on any mode's NMSE."""
+    for mode in ("threshold", "batch", "saved"):
+        x, y = (e.get(mode, {}).get("nmse") for e in (a, b))
+        if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-6):
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -1169,9 +1254,9 @@ class RunRecord:
     evals: dict[int, dict[str, Any]]
 
 
-def load_records(work_dir: Path, study: StudySettings) -> list[RunRecord]:
+def load_records(results_dir: Path, study: StudySettings) -> list[RunRecord]:
     """Every stored run of one study (one settings hash), with its evaluations."""
-    base = work_dir / study.key()
+    base = results_dir / study.key()
     records = []
     if not base.is_dir():
         return records
@@ -1243,7 +1328,7 @@ def _tokens_label(n: int) -> str:
 
 #: Options that decide which stored runs a report reads, or what it says.
 _REPORT_OPTIONS = (
-    "sources", "work_dir", "output", "batch_size", "lr", "warmup_tokens",
+    "sources", "work_dir", "results_dir", "output", "batch_size", "lr", "warmup_tokens",
     "dead_window_tokens", "first_checkpoint", "min_tokens", "max_tokens", "tolerance",
     "calib_tokens", "eval_tokens", "real_cache", "real_cache_tokens", "real_cache_dtype",
     "real_width", "seqpos_start", "synthetic_features", "synthetic_dim",
@@ -1278,11 +1363,11 @@ class Report:
         self.settings = settings
         self.infos = infos
         self.records: dict[str, list[RunRecord]] = {
-            s: load_records(args.work_dir, st) for s, st in settings.items()
+            s: load_records(args.results_dir, st) for s, st in settings.items()
         }
         self.budgets: dict[tuple[str, int], dict[str, Any]] = {}
         for s, st in settings.items():
-            for path in (args.work_dir / st.key()).glob("budget_k*.json"):
+            for path in (args.results_dir / st.key()).glob("budget_k*.json"):
                 k = int(path.stem.removeprefix("budget_k"))
                 self.budgets[(s, k)] = _read_json(path)
 
@@ -2076,6 +2161,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"runs and evaluations (default {DEFAULT_WORK_DIR})",
     )
     p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="where the evaluations are kept and the report reads them from (default "
+        "benchmarks/results/convergence, in the repository; quick: WORK_DIR/results)",
+    )
+    p.add_argument(
         "--output",
         type=Path,
         default=None,
@@ -2152,6 +2244,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         a.threads = 1
     a.work_dir = (a.work_dir or (QUICK_WORK_DIR if q else DEFAULT_WORK_DIR)).expanduser()
     a.output = a.output or (a.work_dir / "docs" if q else Path("docs"))
+    a.results_dir = (
+        a.results_dir or (a.work_dir / "results" if q else DEFAULT_RESULTS_DIR)
+    ).expanduser()
     for name in ("min_tokens", "max_tokens", "first_checkpoint"):
         value = getattr(a, name)
         if value % a.batch_size:
@@ -2248,7 +2343,7 @@ def load_source(name: str, study: StudySettings) -> Source:
 def _load_infos(a: argparse.Namespace, settings: dict[str, StudySettings]) -> dict[str, Any]:
     infos = {}
     for source, st in settings.items():
-        path = a.work_dir / st.key() / "source.json"
+        path = a.results_dir / st.key() / "source.json"
         if path.is_file():
             infos[source] = _read_json(path)
     return infos
@@ -2278,6 +2373,8 @@ def _main(args: argparse.Namespace) -> int:
             code = _run(args, settings)
         if code is not None:
             return code
+    written = archive_results(args.work_dir, args.results_dir, list(settings.values()))
+    print(f"results: {written} files updated in {args.results_dir}", flush=True)
     infos = _load_infos(args, settings)
     path = Report(args, settings, infos).write(args.output)
     print(f"wrote {path}", flush=True)
