@@ -109,6 +109,7 @@ __all__ = [
     "archive_results",
     "checkpoint_schedule",
     "main",
+    "merge_budgets",
     "parse_args",
 ]
 
@@ -1168,10 +1169,33 @@ def estimate(
 
 # -------------------------------------------------------------------------- archive
 
-#: Files of a study folder the report reads, and whether a stored copy may be
-#: replaced: decisions and descriptions are rewritten, an evaluation never is.
-_STUDY_FILES = ("source.json", "budget_k*.json")
+#: A run folder's files beside its evaluations that the results dir keeps.
 _RUN_FILES = ("run.json", "config.json")
+
+
+def merge_budgets(stored: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """One budget record from two processes' records of the same (source, k).
+
+    Seeds trained by separate processes (or machines) under the same rule
+    each leave a record for their own seeds: at the same budget they merge
+    (converged only if every seed's change is within the tolerance). A record
+    at a larger budget (a later stage) replaces one at a smaller budget.
+    Returns ``None`` when ``new`` simply replaces ``stored``.
+    """
+    rule = ("tolerance", "min_tokens")
+    if any(stored.get(key) != new.get(key) for key in rule) or new["budget"] > stored["budget"]:
+        return None
+    if new["budget"] < stored["budget"]:
+        return stored  # the stored record went a stage further
+    changes = {**stored["last_change"], **new["last_change"]}
+    return {
+        **stored,
+        "max_tokens": max(stored["max_tokens"], new["max_tokens"]),
+        "seeds": sorted(set(stored["seeds"]) | set(new["seeds"])),
+        "last_change": changes,
+        "nmse_last_two": {**stored["nmse_last_two"], **new["nmse_last_two"]},
+        "converged": all(c < stored["tolerance"] for c in changes.values()),
+    }
 
 
 def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySettings]) -> int:
@@ -1181,9 +1205,11 @@ def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySe
     repository, on one machine; ``results_dir`` (by default
     :data:`DEFAULT_RESULTS_DIR`, in the repository) keeps only the small JSON
     files, so the report regenerates from a fresh clone and evidence gathered on
-    several machines or work dirs adds up. A stored evaluation is never replaced:
-    a retrained run (say, on a new machine) keeps the first record of each
-    checkpoint, and a printed line says where its NMSE differs.
+    several machines or work dirs adds up: seeds trained by separate processes
+    (each with its own ``--work-dir``) merge their budget records
+    (:func:`merge_budgets`). A stored evaluation is never replaced: a retrained
+    run (say, on a new machine) keeps the first record of each checkpoint, and
+    a printed line says where its NMSE differs.
 
     Raises:
         RuntimeError: if a run folder of the same name describes another run.
@@ -1214,9 +1240,18 @@ def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySe
         if not base.is_dir():
             continue
         out = results_dir / study.key()
-        for pattern in _STUDY_FILES:
-            for path in sorted(base.glob(pattern)):
-                put(path, out / path.name, replace=True)
+        if (base / "source.json").is_file():
+            put(base / "source.json", out / "source.json", replace=True)
+        for path in sorted(base.glob("budget_k*.json")):
+            stored = out / path.name
+            merged = (
+                merge_budgets(_read_json(stored), _read_json(path)) if stored.is_file() else None
+            )
+            if merged is None:
+                put(path, stored, replace=True)
+            elif merged != _read_json(stored):
+                _atomic_json(stored, merged)
+                written += 1
         for run_dir in sorted(p for p in base.iterdir() if (p / "run.json").is_file()):
             target = out / run_dir.name
             stored = target / "run.json"

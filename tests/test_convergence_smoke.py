@@ -183,6 +183,30 @@ def test_archiving_never_replaces_a_stored_evaluation(
         convergence.archive_results(copy, results, studies)
 
 
+def test_seeds_trained_in_separate_work_dirs_add_up_in_the_results_dir(
+    quick_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    work, _ = quick_run
+    results = work / "results"
+    merged = tmp_path / "results"
+    shutil.copytree(results, merged)
+    other = ["--work-dir", str(tmp_path / "work1"), "--results-dir", str(merged)]
+    out = ["--output", str(tmp_path / "docs"), "--estimate-steps", "0"]
+    assert convergence.main([*QUICK, *other, *out, "--seeds", "1"]) == 0
+    (budget_file,) = merged.glob("synthetic_*/budget_k16.json")
+    budget = json.loads(budget_file.read_text())
+    assert budget["seeds"] == [0, 1] and set(budget["last_change"]) == {"0", "1"}
+    assert budget["budget"] == 2**14 and budget["converged"] is False
+    for arch in convergence.QUICK_ARCHS:
+        assert len(list(merged.glob(f"synthetic_*/{arch}_k16_s*/evals/*.json"))) == 4
+    text = (tmp_path / "docs" / "convergence.md").read_text()
+    assert "| `topk` | 2 |" in text  # both seeds in the final-scale tables
+    # a later stage's record replaces an earlier one; an earlier one never replaces a later
+    later = {**budget, "budget": 2**15, "seeds": [0], "last_change": {"0": 0.01}}
+    assert convergence.merge_budgets(budget, later) is None
+    assert convergence.merge_budgets(later, budget) == later
+
+
 def test_budget_stops_between_checkpoints(tmp_path: Path) -> None:
     work = tmp_path / "work"
     args = [*QUICK, "--work-dir", str(work), "--output", str(tmp_path / "docs")]
