@@ -207,6 +207,21 @@ def test_seeds_trained_in_separate_work_dirs_add_up_in_the_results_dir(
     assert convergence.merge_budgets(later, budget) == later
 
 
+def test_claims_use_the_default_rows_when_the_paper_rows_were_not_trained(
+    tmp_path: Path,
+) -> None:
+    # a study of the package defaults only (no `mc`, no `fc_zipf`) once printed
+    # "partly () (only neither trained)" for claim 2
+    args = ["--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "docs")]
+    extra = ["--archs", "mc_auxk", "fc_uniform", "--estimate-steps", "0"]
+    assert convergence.main([*QUICK, *args, *extra]) == 0
+    page = (tmp_path / "docs" / "results.md").read_text()
+    (claim,) = [line for line in page.splitlines() if line.startswith("2. ")]
+    assert "MC (aux_k) vs TopK (NMSE)" in claim and "FC-uniform vs TopK (NMSE)" in claim
+    assert "neither" not in claim and "()" not in claim
+    assert "mc_auxk" in claim  # its mean L0 is listed
+
+
 def test_budget_stops_between_checkpoints(tmp_path: Path) -> None:
     work = tmp_path / "work"
     args = [*QUICK, "--work-dir", str(work), "--output", str(tmp_path / "docs")]
