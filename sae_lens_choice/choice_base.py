@@ -226,7 +226,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         aux_loss (str): ``"none"``, ``"aux_k"`` (dead latents reconstruct the
             residual, as SAELens's TopK; Mutual Choice's default, which
             reconstructed better than ``aux_zipf`` in ``benchmarks/convergence.py``'s
-            study, ``docs/convergence.md``) or ``"aux_zipf"`` (the paper's: dead
+            study, ``docs/archive/2026-11-24/convergence.md``) or ``"aux_zipf"`` (the paper's: dead
             plus under-used latents by the fitted Zipf curve). With a per-token
             ``normalize_activations`` (``"layer_norm"``,
             ``"constant_norm_rescale"``) the loss works in the normalised space.

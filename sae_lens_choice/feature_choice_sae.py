@@ -206,7 +206,8 @@ class FeatureChoiceTrainingSAEConfig(FeatureChoiceFields, ChoiceTrainingSAEConfi
             -zipf_alpha, water-filled at N). Uniform is the default because it
             reconstructed better, with more CE loss recovered, in
             ``benchmarks/convergence.py``'s study on a real LM (results in
-            ``docs/convergence.md``); saved 0.1.0 folders name their capacity.
+            ``docs/archive/2026-11-24/convergence.md``); saved 0.1.0 folders
+            name their capacity.
         capacity_order (str): which latent gets which capacity. ``"index"``
             (the paper's rule): latent j gets the j-th largest, so the Zipf law
             is imposed on latent IDs. ``"density_rank"`` (beyond the paper): the

@@ -254,7 +254,7 @@ def test_architecture_table() -> None:
         "feature_choice_zipf": "feature_choice",
     }
     assert built["topk"].k == 2 and built["batchtopk"].k == 2.4  # TopK's k is a count
-    assert built["mutual_choice"].aux_loss == "aux_zipf"
+    assert built["mutual_choice"].aux_loss == "aux_k"  # the package default
     assert built["feature_choice_uniform"].capacity == "uniform"
     assert built["feature_choice_zipf"].capacity == "zipf"
     # a variant adds options; the table itself is unchanged

@@ -429,7 +429,8 @@ def test_invalid_training_config_names_the_field(
     ],
 )
 def test_defaults_are_the_best_measured_configuration(arch: str, defaults: dict[str, Any]) -> None:
-    # what docs/convergence.md measured best (README "Results"); the paper's
+    # what the convergence study measured best (README "Results",
+    # docs/archive/2026-11-24/convergence.md); the paper's
     # aux_zipf and Zipf capacities stay one field away
     cfg = TRAINING_CLASSES[arch][1](d_in=D_IN, d_sae=D_SAE, k=4)
     assert {field: getattr(cfg, field) for field in defaults} == defaults

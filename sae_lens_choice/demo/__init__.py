@@ -7,7 +7,7 @@ true dictionary is known) with SAELens's own ``SAETrainer``, at the same k,
 initialisation seed, data order and learning-rate schedule:
 
 - ``topk`` and ``batchtopk`` (SAELens's, with their default ``aux_k`` loss),
-- ``mutual_choice`` (with the paper's ``aux_zipf`` loss),
+- ``mutual_choice`` (with ``aux_k``, the package default),
 - ``feature_choice_uniform`` and ``feature_choice_zipf`` (capacities).
 
 Each is saved in SAELens's format, loaded back with ``SAE.load_from_disk``
