@@ -1222,24 +1222,27 @@ def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySe
     """
     written = 0
 
-    def put(src: Path, dst: Path, replace: bool) -> None:
+    def write(dst: Path, data: Any) -> None:
+        # compared as text: evaluations hold NaN, which never equals itself
         nonlocal written
-        data = _read_json(src)
-        if dst.is_file():
-            stored = _read_json(dst)
-            if not replace:
-                if _nmse_differs(stored, data):
-                    print(
-                        f"note: {dst} keeps its stored evaluation; the work dir's "
-                        f"({src}) differs in NMSE",
-                        flush=True,
-                    )
-                return
-            if json.dumps(stored, sort_keys=True) == json.dumps(data, sort_keys=True):
-                return
+        text = json.dumps(data, sort_keys=True)
+        if dst.is_file() and json.dumps(_read_json(dst), sort_keys=True) == text:
+            return
         dst.parent.mkdir(parents=True, exist_ok=True)
         _atomic_json(dst, data)
         written += 1
+
+    def put(src: Path, dst: Path, replace: bool) -> None:
+        data = _read_json(src)
+        if not replace and dst.is_file():
+            if _nmse_differs(_read_json(dst), data):
+                print(
+                    f"note: {dst} keeps its stored evaluation; the work dir's ({src}) "
+                    "differs in NMSE",
+                    flush=True,
+                )
+            return
+        write(dst, data)
 
     for study in studies:
         base = work_dir / study.key()
@@ -1249,15 +1252,10 @@ def archive_results(work_dir: Path, results_dir: Path, studies: Sequence[StudySe
         if (base / "source.json").is_file():
             put(base / "source.json", out / "source.json", replace=True)
         for path in sorted(base.glob("budget_k*.json")):
+            record = _read_json(path)
             stored = out / path.name
-            merged = (
-                merge_budgets(_read_json(stored), _read_json(path)) if stored.is_file() else None
-            )
-            if merged is None:
-                put(path, stored, replace=True)
-            elif merged != _read_json(stored):
-                _atomic_json(stored, merged)
-                written += 1
+            merged = merge_budgets(_read_json(stored), record) if stored.is_file() else None
+            write(stored, record if merged is None else merged)
         for run_dir in sorted(p for p in base.iterdir() if (p / "run.json").is_file()):
             target = out / run_dir.name
             stored = target / "run.json"
