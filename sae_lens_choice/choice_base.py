@@ -254,8 +254,8 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             (:mod:`sae_lens_choice.sparse`), freeing the (N, F) pre-activations;
             ``"dense"``: through (N, F) tensors, as SAELens's TopK;
             ``"auto"`` (default): sparse where it was measured faster
-            (:func:`sparse_step_pays`). Both give the same outputs and
-            gradients. SAELens's ``use_sparse_activations=True`` means
+            (:func:`sparse_step_pays`: on CPU from 256 latents; dense on
+            GPUs). Both give the same outputs and gradients. SAELens's ``use_sparse_activations=True`` means
             ``"sparse"``.
         check_finite_every (int): every this many steps (and on logging steps)
             the step reads back whether any loss so far was NaN or inf, and
@@ -340,19 +340,27 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
         return JumpReLUSAEConfig
 
 
-def sparse_step_pays(d_in: int, d_sae: int) -> bool:
+def sparse_step_pays(d_in: int, d_sae: int, device_type: str = "cpu") -> bool:
     """Whether the sparse training step is the faster one at this size (``"auto"``).
 
-    Measured by ``python -m benchmarks.step_time --crossover`` (2-core CPU,
-    float32, N = 2048, k = 32, d_in 16-768, d_sae 64-16384; the figures are in
-    ``docs/step_time_crossover.json``): sparse / dense step time is 1.3-1.6
-    at d_sae = 64, about 1 at 128, 0.73-1.04 at 256 and 0.24-0.30 at 16384,
-    whatever d_in. Below 256 latents the sparse step's fixed costs (sorting
-    the pairs, the layout) outweigh the dense decode; ``d_in`` does not move
-    the crossover, so the rule ignores it.
+    CPU: measured by ``python -m benchmarks.step_time --crossover`` (2-core
+    CPU, float32, N = 2048, k = 32, d_in 16-768, d_sae 64-16384; the figures
+    are in ``docs/step_time_crossover.json``): sparse / dense step time is
+    1.3-1.6 at d_sae = 64, about 1 at 128, 0.73-1.04 at 256 and 0.24-0.30 at
+    16384, whatever d_in. Below 256 latents the sparse step's fixed costs
+    (sorting the pairs, the layout) outweigh the dense decode; ``d_in`` does
+    not move the crossover, so the rule ignores it.
+
+    Other devices: dense. On an H200 (``docs/step_time_cuda.json``, ``python
+    -m benchmarks.step_time --device cuda``) the dense step took 1.1-1.6x
+    SAELens TopK's time for Mutual Choice and 0.8-1.3x for Feature Choice,
+    the sparse one 0.9-59x and 0.4-3.5x: its per-latent segment sums
+    (``F.embedding_bag``) are slow when a few latents hold many of the pairs,
+    as Mutual Choice's do. ``step_implementation="sparse"`` still takes it
+    there (it needs 0.2-0.4x TopK's memory).
     """
     del d_in  # measured not to move the crossover
-    return d_sae >= 256
+    return device_type == "cpu" and d_sae >= 256
 
 
 # ---------------------------------------------------------------------------
@@ -568,7 +576,8 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         """
         choice = self.cfg.step_implementation
         if choice == "auto":
-            choice = "sparse" if sparse_step_pays(self.cfg.d_in, self.cfg.d_sae) else "dense"
+            pays = sparse_step_pays(self.cfg.d_in, self.cfg.d_sae, self.W_enc.device.type)
+            choice = "sparse" if pays else "dense"
         if choice == "dense":
             return False
         hooked = (self.hook_sae_acts_pre, self.hook_sae_acts_post)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from sae_lens_choice.choice_base import sparse_step_pays
 from tests.helpers import ARCHS, make_training_sae, step_input
 
 D_IN, D_SAE = 12, 48
@@ -78,6 +79,21 @@ def test_auto_takes_the_sparse_step_from_the_measured_crossover(
     sae = make_training_sae(arch, d_in=16, d_sae=d_sae, k=3)
     assert sae.cfg.step_implementation == "auto"
     assert sae.use_sparse_step() is sparse
+
+
+def test_auto_takes_the_dense_step_off_the_cpu() -> None:
+    # docs/step_time_cuda.json: on an H200 the sparse step was up to 59x slower than
+    # the dense one (Mutual Choice), so "auto" is dense on every device but the CPU
+    assert sparse_step_pays(768, 16384, "cpu")
+    for device_type in ("cuda", "mps", "xpu"):
+        assert not sparse_step_pays(768, 16384, device_type)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_is_dense_on_cuda(arch: str) -> None:
+    sae = make_training_sae(arch, d_in=16, d_sae=1024, k=3, device="cuda")
+    assert sae.cfg.step_implementation == "auto" and not sae.use_sparse_step()
 
 
 @pytest.mark.parametrize("aux_loss", ["none", "aux_k", "aux_zipf"])
