@@ -281,6 +281,42 @@ def test_synthetic_stream_is_seeded_and_held_out_apart() -> None:
     assert stats.b_dec_init("expected_average_only_in").shape == (study.d_in,)
 
 
+def test_cpu_study_keeps_its_folder_and_a_draw_device_gets_its_own() -> None:
+    stored = {p.name for p in convergence.DEFAULT_RESULTS_DIR.glob("synthetic_*")}
+    cpu = convergence.parse_args(["--sources", "synthetic"])
+    key = convergence.study_settings(cpu)["synthetic"].key()
+    assert key in stored  # the committed CPU evaluations are still the default study's
+    gpu = convergence.parse_args(["--sources", "synthetic", "--synthetic-device", "cuda"])
+    study = convergence.study_settings(gpu)["synthetic"]
+    assert study.data_dict()["draw_device"] == "cuda" and study.key() != key
+    gpu.report = True
+    assert "--synthetic-device cuda" in convergence.report_command(gpu)
+    assert "--synthetic-device" not in convergence.report_command(cpu)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
+
+
+@CUDA
+def test_synthetic_source_draws_on_the_gpu(tmp_path: Path) -> None:
+    args = convergence.parse_args(["--quick", "--synthetic-device", "cuda"])
+    study = convergence.study_settings(args)["synthetic"]
+    source = convergence.SyntheticSource(study, stats_tokens=512)
+    first = source.train_batch(0, 0)
+    assert first.device.type == "cuda" and source.calib.device.type == "cuda"
+    assert torch.equal(first, source.train_batch(0, 0))
+    assert not torch.equal(first, source.train_batch(1, 0))
+    assert source.stats().mean.device.type == "cpu"
+    # the whole pipeline on the GPU: train, evaluate, save, reload, report
+    work = tmp_path / "work"
+    argv = [*QUICK, "--device", "cuda", "--synthetic-device", "cuda", "--work-dir", str(work)]
+    assert convergence.main(argv) == 0
+    (run,) = work.glob("synthetic_*/fc_zipf_k16_s0")
+    last = max(run.glob("evals/tokens_*.json"))
+    evaluation = json.loads(last.read_text())
+    assert evaluation["saved"]["nmse"] < 1.0 and evaluation["threshold"]["mcc"] > 0
+
+
 # --------------------------------------------------------------------- real source
 
 CONTEXT, D_MODEL, N_ROWS = 16, 8, 60
