@@ -294,6 +294,38 @@ def test_cpu_study_keeps_its_folder_and_a_draw_device_gets_its_own() -> None:
     assert "--synthetic-device" not in convergence.report_command(cpu)
 
 
+def test_alignment_splits_live_and_dead_latents(
+    quick_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    from benchmarks import alignment
+
+    work, _ = quick_run
+    out = tmp_path / "rows.json"
+    argv = ["--archs", "topk", "fc_zipf", "--seeds", "0", "--json", str(out)]
+    assert alignment.main([*argv, "--quick", "--work-dir", str(work)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["run"] for r in rows] == ["synthetic/topk/k16/s0", "synthetic/fc_zipf/k16/s0"]
+    for r in rows:
+        assert 0 <= r["features_matched"] <= 256 and 0 < r["live"] <= 256
+        assert 0 < r["best_cos_live"] <= 1 and r["tokens"] > 0
+    # brute force: a decoder holding the true dictionary matches every feature
+    study = convergence.study_settings(convergence.parse_args(["--quick"]))["synthetic"]
+    source = convergence.SyntheticSource(study, stats_tokens=512)
+    truth = source.feature_vectors
+    sae = TopKSAE(TopKSAEConfig(d_in=truth.shape[1], d_sae=truth.shape[0], k=4))
+    with torch.no_grad():
+        sae.W_dec.copy_(-truth)  # |cos|: the sign does not matter
+        sae.W_enc.copy_(-truth.T)
+    exact = alignment.alignment(sae, source)
+    assert exact.features_matched == truth.shape[0]
+    assert exact.best_cos_live == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn_like(truth))
+    assert alignment.alignment(sae, source).features_matched < truth.shape[0] // 10
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available here")
 
 
