@@ -154,6 +154,9 @@ _BEYOND_PAPER_ROWS = (
         "fc_zipf_rank", "FC-Zipf, capacities by density rank", capacity_order="density_rank"
     ),
     _MC.variant("mc_aux32", "MC, aux_zipf coefficient 1/32", aux_loss_coefficient=1 / 32),
+    # a Feature Choice floor under Mutual Choice, aimed at MC's silent latents;
+    # 0.1 of the uniform share fixed before any run (not tuned)
+    _MC.variant("mc_floor", "MC (aux_k), latent floor 0.1", aux_loss="aux_k", latent_floor=0.1),
 )
 #: The study's rows: the paper's configurations, then the options beyond it.
 #: Derived from the demo's table with :meth:`Architecture.variant`.

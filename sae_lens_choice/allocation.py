@@ -256,6 +256,16 @@ def _widen_candidates(
     return values, rows * d_sae + cols
 
 
+def floor_count(latent_floor: float, k: float, n_tokens: int, d_sae: int) -> int:
+    """Pairs each latent keeps first under a Mutual Choice ``latent_floor``.
+
+    ``floor(latent_floor * k * N / F)``: the fraction ``latent_floor`` of the
+    uniform share, rounded down so the floors of all latents fit in the batch
+    budget T = round(k * N).
+    """
+    return math.floor(latent_floor * k * n_tokens / d_sae)
+
+
 def default_candidates_per_token(k: float, d_sae: int) -> int:
     """Candidates each token contributes to the Mutual Choice pre-selection.
 
@@ -270,6 +280,7 @@ class MutualChoiceOptions(TypedDict, total=False):
 
     method: MutualChoiceMethod
     candidates_per_token: int | None
+    floor: int
     validate: bool
 
 
@@ -298,6 +309,11 @@ def mutual_choice(
             where the read-back would stall the stream.
         candidates_per_token: ``c`` for ``"candidates"``;
             default :func:`default_candidates_per_token`.
+        floor: each latent first keeps its ``floor`` largest entries of the
+            batch (0, the default, is plain Mutual Choice); the rest of the T
+            go to the largest remaining entries, wherever they fall. Needs
+            ``floor * F <= T``. An entry that is not positive never fires, so a
+            latent with fewer positive entries keeps fewer.
         validate: check for non-finite values (one device read-back; default
             ``True``).
     """
@@ -310,6 +326,7 @@ def mutual_choice_pairs(
     *,
     method: MutualChoiceMethod = "auto",
     candidates_per_token: int | None = None,
+    floor: int = 0,
     validate: bool = True,
 ) -> ChoicePairs:
     """The (token, latent) pairs :func:`mutual_choice` keeps, with their values.
@@ -329,9 +346,25 @@ def mutual_choice_pairs(
     budget = min(batch_budget(k, n_tokens), n_tokens * d_sae)
     if candidates_per_token is not None and candidates_per_token < 1:
         raise ValueError(f"candidates_per_token must be >= 1, got {candidates_per_token}")
+    if floor < 0 or floor * d_sae > budget or floor > n_tokens:
+        raise ValueError(
+            f"floor must be in [0, min(N, T / F)] = [0, {min(n_tokens, budget // d_sae)}] for "
+            f"{n_tokens} tokens, k = {k} and {d_sae} latents; got {floor}"
+        )
     if budget == 0:
         empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return ChoicePairs(empty, empty, x.new_zeros(0))
+    if floor > 0:
+        # Each latent's `floor` largest entries outrank every other entry; the
+        # selection below then keeps them and fills the rest of T by value.
+        scores = x.clone()
+        top_tokens = torch.topk(x, floor, dim=0, sorted=False).indices  # (floor, F)
+        scores.scatter_(0, top_tokens, float("inf"))
+        pairs = mutual_choice_pairs(
+            scores, k, method=method, candidates_per_token=candidates_per_token, validate=False
+        )
+        values = x[pairs.token_idx, pairs.latent_idx]  # (T,)
+        return pairs._replace(values=values.relu())
     if method == "auto":
         method = "candidates" if x.device.type == "cpu" else "flat"
     c = min(candidates_per_token or default_candidates_per_token(k, d_sae), d_sae)

@@ -104,6 +104,11 @@ def calibration_target(sae: SAE[Any]) -> CalibrationTarget:
                 order = torch.as_tensor(ranking, dtype=torch.long)
                 densities = torch.empty_like(densities).scatter_(0, order, densities)
             return CalibrationTarget(k=settings["k"], densities=densities)
+        saved = sae.cfg.metadata.get("latent_densities")
+        if saved is not None:  # Mutual Choice with a latent_floor: saved with the SAE
+            return CalibrationTarget(
+                k=settings["k"], densities=torch.as_tensor(saved, dtype=torch.float64)
+            )
         return CalibrationTarget(k=settings["k"])
     raise TypeError(
         "calibrate_thresholds needs a Mutual Choice, Feature Choice or BatchTopK SAE (a "

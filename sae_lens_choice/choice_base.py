@@ -99,6 +99,15 @@ def choice_hidden_pre(sae: SAE[Any], sae_in: torch.Tensor) -> torch.Tensor:
     return hidden_pre
 
 
+def threshold_summary(threshold: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logging metrics of a per-latent threshold EMA."""
+    return {
+        "threshold_mean": threshold.mean(),
+        "threshold_min": threshold.min(),
+        "threshold_max": threshold.max(),
+    }
+
+
 def jumprelu(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """SAELens JumpReLU semantics: ``relu(h)`` where ``h > threshold``, else 0."""
     return hidden_pre.relu() * (hidden_pre > threshold).to(hidden_pre.dtype)
@@ -427,11 +436,15 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         # set by calibrate_thresholds, cleared by the next training step
         self._thresholds_calibrated = False
 
+    def per_latent_thresholds(self) -> bool:
+        """Whether ``threshold`` holds one value per latent (else one global value)."""
+        return not self.global_threshold
+
     def _initial_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Fresh values of every buffer this class adds."""
         cfg = self.cfg
         d_sae = cfg.d_sae
-        shape: tuple[int, ...] = () if self.global_threshold else (d_sae,)
+        shape: tuple[int, ...] = (d_sae,) if self.per_latent_thresholds() else ()
         values = {
             "latent_density_ema": torch.full((d_sae,), cfg.k / d_sae),
             "threshold": torch.zeros(shape),

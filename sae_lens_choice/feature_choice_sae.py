@@ -38,6 +38,7 @@ from sae_lens_choice.choice_base import (
     ChoiceSAEConfig,
     ChoiceTrainingSAE,
     ChoiceTrainingSAEConfig,
+    threshold_summary,
 )
 from sae_lens_choice.distributed import feature_choice_pairs_distributed, global_smallest_value
 from sae_lens_choice.validation import check_choice
@@ -306,11 +307,7 @@ class FeatureChoiceTrainingSAE(ChoiceTrainingSAE):
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:
-        return {
-            "threshold_mean": self.threshold.mean(),
-            "threshold_min": self.threshold.min(),
-            "threshold_max": self.threshold.max(),
-        }
+        return threshold_summary(self.threshold)
 
     @override
     def calibration_target(self) -> Any:

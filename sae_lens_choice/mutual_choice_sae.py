@@ -22,16 +22,22 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import override
 
-from sae_lens_choice.allocation import ChoicePairs, MutualChoiceMethod, mutual_choice_pairs
+from sae_lens_choice.allocation import (
+    ChoicePairs,
+    MutualChoiceMethod,
+    floor_count,
+    mutual_choice_pairs,
+)
 from sae_lens_choice.choice_base import (
     ChoiceActivation,
     ChoiceSAE,
     ChoiceSAEConfig,
     ChoiceTrainingSAE,
     ChoiceTrainingSAEConfig,
+    threshold_summary,
 )
 from sae_lens_choice.distributed import global_smallest_value, mutual_choice_pairs_distributed
-from sae_lens_choice.validation import check_choice
+from sae_lens_choice.validation import check_choice, check_number
 
 METHODS: tuple[str, ...] = ("auto", "candidates", "flat")
 
@@ -92,7 +98,31 @@ class MutualChoiceTrainingSAEConfig(MutualChoiceFields, ChoiceTrainingSAEConfig)
     Args:
         allocation_method (str): ``"auto"``, ``"candidates"`` or ``"flat"``;
             see :func:`sae_lens_choice.allocation.mutual_choice`.
+        latent_floor (float): a Feature Choice floor under Mutual Choice, as a
+            fraction of the uniform share k * N / d_sae: in every batch of N
+            tokens each latent first keeps its ``floor(latent_floor * k * N /
+            d_sae)`` largest pre-activations, and the rest of the round(k * N)
+            go to the batch's largest remaining ones. 0 (the default) is plain
+            Mutual Choice; 1 is close to uniform Feature Choice. With a floor
+            the SAE is saved with one threshold per latent, calibrated to the
+            latent's training firing density (the density EMA, scaled to sum
+            to k), which the saved metadata keeps as ``latent_densities``.
+            Not supported in data-parallel training.
     """
+
+    latent_floor: float = 0.0
+
+    @override
+    def validate_choice_fields(self) -> None:
+        super().validate_choice_fields()
+        check_number(
+            self.latent_floor,
+            "latent_floor",
+            owner="mutual_choice config",
+            ge=0,
+            le=1,
+            hint="a fraction of the uniform share k * N / d_sae; 0 turns the floor off",
+        )
 
 
 class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
@@ -100,7 +130,9 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
 
     Tracks one global threshold (an EMA of the smallest kept value, for
     logging); saved as SAELens's ``jumprelu`` with the exact global threshold
-    of the most recent training tokens (see ``ChoiceTrainingSAE``).
+    of the most recent training tokens (see ``ChoiceTrainingSAE``). With a
+    ``latent_floor``, one threshold per latent instead, calibrated to each
+    latent's training density.
     """
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
@@ -111,12 +143,27 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
         super().__init__(cfg, use_error_term)
 
     @override
+    def per_latent_thresholds(self) -> bool:
+        return self.cfg.latent_floor > 0
+
+    @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # finiteness is tracked by the training step, not checked per batch
         return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
 
     @override
     def select(self, scores: torch.Tensor, rank_sizes: list[int] | None = None) -> ChoicePairs:
+        if self.cfg.latent_floor > 0:
+            if rank_sizes is not None:
+                raise ValueError(
+                    "mutual_choice: latent_floor > 0 is not supported in data-parallel "
+                    "training yet; train on one process or set latent_floor=0"
+                )
+            n_tokens = scores.numel() // scores.shape[-1]
+            floor = floor_count(self.cfg.latent_floor, self.cfg.k, n_tokens, self.cfg.d_sae)
+            return mutual_choice_pairs(
+                scores, self.cfg.k, method=self.cfg.allocation_method, floor=floor, validate=False
+            )
         if rank_sizes is None:
             return self.activation_fn.pairs(scores)
         method = self.cfg.allocation_method
@@ -130,17 +177,42 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
 
     @override
     def _update_thresholds(self, pairs: ChoicePairs) -> None:
-        self._ema(self.threshold, global_smallest_value(pairs))
+        d_sae = self.cfg.d_sae if self.per_latent_thresholds() else None
+        self._ema(self.threshold, global_smallest_value(pairs, d_sae))
 
     @override
     def _threshold_metrics(self) -> dict[str, torch.Tensor]:
+        if self.per_latent_thresholds():
+            return threshold_summary(self.threshold)
         return {"threshold": self.threshold}
 
     @override
     def calibration_target(self) -> Any:
         from sae_lens_choice.calibration import CalibrationTarget
 
-        return CalibrationTarget(k=self.cfg.k)
+        if not self.per_latent_thresholds():
+            return CalibrationTarget(k=self.cfg.k)
+        return CalibrationTarget(k=self.cfg.k, densities=self.training_densities())
+
+    def training_densities(self) -> torch.Tensor:
+        """(d_sae,) float64: each latent's firing density in training, summing to k.
+
+        The density EMA, rescaled so the saved SAE's mean L0 is k: the targets
+        of the per-latent thresholds a ``latent_floor`` SAE is saved with.
+        """
+        ema = self.latent_density_ema.detach().to(device="cpu", dtype=torch.float64)
+        total = ema.sum()
+        if not bool(total > 0):
+            return torch.full_like(ema, self.cfg.k / self.cfg.d_sae)
+        return ema * (self.cfg.k / total)
+
+    @override
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        super().process_state_dict_for_saving_inference(state_dict)
+        if self.per_latent_thresholds():
+            # the targets are training state, not config: the saved metadata
+            # carries them so calibrate_thresholds can recalibrate the saved SAE
+            self.cfg.metadata.latent_densities = self.training_densities().tolist()
 
 
 # ---------------------------------------------------------------------------

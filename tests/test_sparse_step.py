@@ -141,6 +141,18 @@ def test_sparse_step_equals_dense_step_with_options(arch: str, options: dict[str
     assert_same_step(dense, sparse, out_d, out_s, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("aux_loss", ["none", "aux_k"])
+def test_sparse_step_equals_dense_step_with_a_latent_floor(aux_loss: str) -> None:
+    dense, sparse = pair("mutual_choice", latent_floor=0.5, aux_loss=aux_loss)
+    with torch.no_grad():
+        for sae in (dense, sparse):
+            sae.b_enc[:10] = -1.0  # starved latents that only the floor keeps
+    x = 5 * torch.randn(64, D_IN, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out_d = run(dense, x, dead=dead_mask(6))
+    out_s = run(sparse, x, dead=dead_mask(6))
+    assert_same_step(dense, sparse, out_d, out_s, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_step_equals_dense_step_in_float32_and_bf16_autocast(arch: str) -> None:
     x = torch.randn(128, D_IN, generator=torch.Generator().manual_seed(4))
