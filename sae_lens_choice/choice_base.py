@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from sae_lens.registry import get_sae_training_class
@@ -419,9 +419,6 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
     calibration_acts: torch.Tensor
     calibration_tokens_seen: torch.Tensor
 
-    #: One global threshold (Mutual Choice) or one per latent (Feature Choice).
-    global_threshold: ClassVar[bool] = False
-
     def __init__(self, cfg: ChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
         for name, value in self._initial_state(self.W_dec.device).items():
@@ -437,8 +434,12 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         self._thresholds_calibrated = False
 
     def per_latent_thresholds(self) -> bool:
-        """Whether ``threshold`` holds one value per latent (else one global value)."""
-        return not self.global_threshold
+        """Whether ``threshold`` holds one value per latent, else one global value.
+
+        Per latent for Feature Choice; Mutual Choice overrides this (one global
+        value unless it has a ``latent_floor``).
+        """
+        return True
 
     def _initial_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
         """Fresh values of every buffer this class adds."""

@@ -17,8 +17,11 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import SAE
 
+# the module, not the class: `MutualChoice` is a name this module only forwards, with
+# a deprecation warning (see `__getattr__` below)
+from sae_lens_choice import mutual_choice_sae
 from sae_lens_choice._moved import moved_names
-from sae_lens_choice.allocation import floor_count, mutual_choice_pairs, pairs_to_dense
+from sae_lens_choice.allocation import pairs_to_dense
 from sae_lens_choice.choice_base import (
     CHOICE_ARCHITECTURES,
     ChoiceSAE,
@@ -116,10 +119,11 @@ def encode_batch(sae: SAE[Any], x: torch.Tensor, *, offset: float = 0.5) -> torc
             ranking = torch.as_tensor(ranking, dtype=torch.long, device=scores.device)
         pairs = activation.pairs(scores, offset=offset, ranking=ranking)
     else:
-        floor = floor_count(settings.get("latent_floor", 0.0), settings["k"], *scores.shape)
-        pairs = mutual_choice_pairs(
-            scores, settings["k"], method=settings.get("allocation_method", "auto"), floor=floor
-        )
+        pairs = mutual_choice_sae.MutualChoice(
+            settings["k"],
+            settings.get("allocation_method", "auto"),
+            latent_floor=settings.get("latent_floor", 0.0),
+        ).pairs(scores)
     # the scores chose the pairs; the activations are the pre-activations there
     return sae.hook_sae_acts_post(pairs_to_dense(pairs, hidden_pre))
 

@@ -17,7 +17,7 @@ diagnostics, and a faster exact selection on CPU. The 0.1.0 inference architectu
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from typing_extensions import override
@@ -52,15 +52,24 @@ __all__ = [
 
 @dataclass(eq=False, repr=False)
 class MutualChoice(ChoiceActivation):
-    """Keep the round(k * N) largest pre-activations of the batch."""
+    """Keep the round(k * N) largest pre-activations of the batch.
+
+    With ``latent_floor`` > 0, each latent first keeps its
+    :func:`~sae_lens_choice.allocation.floor_count` largest ones.
+    """
 
     k: float
     method: MutualChoiceMethod = "auto"
     validate: bool = True
+    latent_floor: float = 0.0
 
     @override
     def pairs(self, hidden_pre: torch.Tensor) -> ChoicePairs:
-        return mutual_choice_pairs(hidden_pre, self.k, method=self.method, validate=self.validate)
+        d_sae = hidden_pre.shape[-1]
+        floor = floor_count(self.latent_floor, self.k, hidden_pre.numel() // d_sae, d_sae)
+        return mutual_choice_pairs(
+            hidden_pre, self.k, method=self.method, floor=floor, validate=self.validate
+        )
 
 
 @dataclass
@@ -137,7 +146,6 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
 
     cfg: MutualChoiceTrainingSAEConfig  # type: ignore[assignment]
     activation_fn: MutualChoice
-    global_threshold: ClassVar[bool] = True
 
     def __init__(self, cfg: MutualChoiceTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
@@ -149,23 +157,18 @@ class MutualChoiceTrainingSAE(ChoiceTrainingSAE):
     @override
     def get_activation_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         # finiteness is tracked by the training step, not checked per batch
-        return MutualChoice(self.cfg.k, self.cfg.allocation_method, validate=False)
+        cfg = self.cfg
+        return MutualChoice(cfg.k, cfg.allocation_method, False, cfg.latent_floor)
 
     @override
     def select(self, scores: torch.Tensor, rank_sizes: list[int] | None = None) -> ChoicePairs:
-        if self.cfg.latent_floor > 0:
-            if rank_sizes is not None:
-                raise ValueError(
-                    "mutual_choice: latent_floor > 0 is not supported in data-parallel "
-                    "training yet; train on one process or set latent_floor=0"
-                )
-            n_tokens = scores.numel() // scores.shape[-1]
-            floor = floor_count(self.cfg.latent_floor, self.cfg.k, n_tokens, self.cfg.d_sae)
-            return mutual_choice_pairs(
-                scores, self.cfg.k, method=self.cfg.allocation_method, floor=floor, validate=False
-            )
         if rank_sizes is None:
             return self.activation_fn.pairs(scores)
+        if self.cfg.latent_floor > 0:
+            raise ValueError(
+                "mutual_choice: latent_floor > 0 is not supported in data-parallel "
+                "training yet; train on one process or set latent_floor=0"
+            )
         method = self.cfg.allocation_method
         return mutual_choice_pairs_distributed(
             scores,
