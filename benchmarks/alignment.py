@@ -65,13 +65,26 @@ def alignment(sae: Any, source: convergence.Source, match: float = 0.9, run: str
     )
 
 
+def merge_rows(stored: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``stored`` with each row whose ``run`` is measured again replaced in place, the
+    other new rows appended: a run whose saved SAE is gone keeps its measured row."""
+    fresh = {r["run"]: r for r in new}
+    merged = [fresh.pop(r["run"], r) for r in stored]
+    return merged + list(fresh.values())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.alignment", description=__doc__)
     p.add_argument("--archs", nargs="+", default=["topk", "mc_auxk", "fc_uniform"])
     p.add_argument("--ks", nargs="+", type=int, default=[16])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--match", type=float, default=0.9)
-    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the rows here, merged into the file's rows (same run: replaced)",
+    )
     args, study_args = p.parse_known_args(argv)
     # the study's own options name its settings (--work-dir, --synthetic-device, ...)
     study = convergence.parse_args(["--sources", "synthetic", *study_args])
@@ -102,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     if args.json is not None:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        merged = merge_rows(
+            json.loads(args.json.read_text()) if args.json.is_file() else [],
+            [asdict(r) for r in rows],
+        )
+        args.json.write_text(json.dumps(merged, indent=1) + "\n")
     return 0
 
 

@@ -303,10 +303,20 @@ def test_alignment_splits_live_and_dead_latents(
 
     work, _ = quick_run
     out = tmp_path / "rows.json"
+    # rows measured before: one run measured again now, one whose saved SAE is gone
+    stale = {"run": "synthetic/topk/k16/s0", "live": -1}
+    kept = {"run": "synthetic/mc_auxk/k16/s0", "live": 7}
+    out.write_text(json.dumps([stale, kept]))
     argv = ["--archs", "topk", "fc_zipf", "--seeds", "0", "--json", str(out)]
     assert alignment.main([*argv, "--quick", "--work-dir", str(work)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["run"] for r in rows] == ["synthetic/topk/k16/s0", "synthetic/fc_zipf/k16/s0"]
+    assert [r["run"] for r in rows] == [
+        "synthetic/topk/k16/s0",
+        "synthetic/mc_auxk/k16/s0",
+        "synthetic/fc_zipf/k16/s0",
+    ]
+    assert rows[1] == kept
+    rows = [rows[0], rows[2]]
     for r in rows:
         assert 0 <= r["features_matched"] <= 256 and 0 < r["live"] <= 256
         assert 0 < r["best_cos_live"] <= 1 and r["tokens"] > 0
