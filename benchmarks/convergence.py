@@ -157,6 +157,20 @@ _BEYOND_PAPER_ROWS = (
     # a Feature Choice floor under Mutual Choice, aimed at MC's silent latents;
     # 0.1 of the uniform share fixed before any run (not tuned)
     _MC.variant("mc_floor", "MC (aux_k), latent floor 0.1", aux_loss="aux_k", latent_floor=0.1),
+    # the per-token layer norm row with the default aux loss (mc_layernorm keeps
+    # the paper's aux_zipf, which was unstable at 4M tokens)
+    _MC.variant(
+        "mc_auxk_layernorm", "MC (aux_k), per-token layer norm", aux_loss="aux_k", **_LAYER_NORM
+    ),
+    # the two together: the floor keeps alive the latents that layer norm leaves
+    # dead in training (about 10 per run at 8M tokens); fixed before any run
+    _MC.variant(
+        "mc_floor_layernorm",
+        "MC (aux_k), latent floor 0.1, per-token layer norm",
+        aux_loss="aux_k",
+        latent_floor=0.1,
+        **_LAYER_NORM,
+    ),
 )
 #: The study's rows: the paper's configurations, then the options beyond it.
 #: Derived from the demo's table with :meth:`Architecture.variant`.
