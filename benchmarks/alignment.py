@@ -115,11 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     flush=True,
                 )
     if args.json is not None:
-        merged = merge_rows(
-            json.loads(args.json.read_text()) if args.json.is_file() else [],
-            [asdict(r) for r in rows],
-        )
-        args.json.write_text(json.dumps(merged, indent=1) + "\n")
+        stored = convergence._read_json(args.json) if args.json.is_file() else []
+        # through a rename: the stored rows may be the only record of their runs
+        convergence._atomic_json(args.json, merge_rows(stored, [asdict(r) for r in rows]))
     return 0
 
 
