@@ -611,8 +611,60 @@ def _quiet_calibration() -> Iterator[None]:
         calibration.tqdm = original  # type: ignore[assignment]
 
 
+def _normalised_aux_topk_class() -> type[Any]:
+    """SAELens's TopK training SAE with its aux loss in the per-token normalised space.
+
+    SAELens's ``TopKTrainingSAE`` refuses its aux loss under
+    ``normalize_activations="layer_norm"`` (the first time a latent is dead),
+    because the residual it reconstructs is in the original space. Gao et al.
+    (2024) train TopK on normalised inputs with the aux loss in that space, and
+    this package's Choice SAEs compute it there too, so the ``topk_layernorm``
+    control does the same: the residual is mapped into the normalised space and
+    SAELens's own loss runs on it. Everything else is SAELens's TopK, and the
+    saved SAE is a plain SAELens ``topk`` SAE.
+    """
+    from sae_lens.saes.topk_sae import TopKTrainingSAE
+    from typing_extensions import override
+
+    class NormalisedAuxTopKTrainingSAE(TopKTrainingSAE):
+        @override
+        def calculate_topk_aux_loss(
+            self,
+            sae_in: torch.Tensor,
+            sae_out: torch.Tensor,
+            hidden_pre: torch.Tensor,
+            dead_neuron_mask: torch.Tensor | None,
+        ) -> torch.Tensor:
+            if self.cfg.normalize_activations != "layer_norm":
+                return super().calculate_topk_aux_loss(
+                    sae_in, sae_out, hidden_pre, dead_neuron_mask
+                )
+            # the token's statistics as SAELens's layer norm computes them
+            # (sae.py, run_time_activation_ln_in); the residual is then the one
+            # between the normalised input and the SAE's normalised prediction
+            mu = sae_in.mean(dim=-1, keepdim=True)
+            scale = (sae_in - mu).std(dim=-1, keepdim=True) + 1e-5
+            normalised_in = (sae_in - mu) / scale
+            normalised_out = (sae_out - mu) / scale
+            # SAELens's check is the only use of the setting in the loss: lift
+            # it for the call, on inputs already in the normalised space
+            self.cfg.normalize_activations = "none"
+            try:
+                return super().calculate_topk_aux_loss(
+                    normalised_in, normalised_out, hidden_pre, dead_neuron_mask
+                )
+            finally:
+                self.cfg.normalize_activations = "layer_norm"
+
+    return NormalisedAuxTopKTrainingSAE
+
+
 def build_sae(spec: RunSpec, stats: Stats, device: str) -> Any:
-    """The run's training SAE: seeded init, b_dec at the training mean."""
+    """The run's training SAE: seeded init, b_dec at the training mean.
+
+    TopK with a per-token layer norm trains as :func:`_normalised_aux_topk_class`
+    (SAELens's TopK refuses its aux loss there).
+    """
     from sae_lens.registry import get_sae_training_class
 
     settings = spec.settings
@@ -625,6 +677,8 @@ def build_sae(spec: RunSpec, stats: Stats, device: str) -> Any:
         normalize_activations=settings.normalization,
     )
     sae_class, _ = get_sae_training_class(cfg.architecture())
+    if cfg.architecture() == "topk" and cfg.normalize_activations == "layer_norm":
+        sae_class = _normalised_aux_topk_class()
     torch.manual_seed(spec.seed)  # the same initialisation draw for every architecture
     sae = sae_class(cfg)
     with torch.no_grad():

@@ -256,6 +256,59 @@ def test_study_table_is_derived_from_the_demo_table() -> None:
         row.training_config(d_in=8, d_sae=32, k=4)
 
 
+def _topk_step(sae: torch.nn.Module, x: torch.Tensor, dead: torch.Tensor) -> dict:
+    from sae_lens.saes.sae import TrainStepInput
+
+    step = TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+    return sae.training_forward_pass(step).losses  # type: ignore[operator]
+
+
+def test_topk_layernorm_control_computes_its_aux_loss_in_the_normalised_space() -> None:
+    from sae_lens.saes.topk_sae import TopKTrainingSAE
+
+    cfg = convergence.STUDY_ARCHITECTURES["topk_layernorm"].training_config(
+        d_in=8, d_sae=32, k=3, aux_loss_coefficient=1.0
+    )
+    torch.manual_seed(0)
+    x = torch.randn(20, 8) * 5 + 2  # far from normalised: the two spaces differ
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    # the premise: SAELens's own TopK refuses its aux loss under layer norm
+    with pytest.raises(ValueError, match="normalize_activations"):
+        _topk_step(TopKTrainingSAE(cfg), x, dead)
+
+    sae = convergence._normalised_aux_topk_class()(cfg)
+    aux = _topk_step(sae, x, dead)["auxiliary_reconstruction_loss"]
+    assert sae.cfg.normalize_activations == "layer_norm"  # restored after the call
+    (grad,) = torch.autograd.grad(aux, sae.W_dec)
+
+    # brute force, everything in the normalised space (Gao et al. 2024, appendix A.2)
+    mu = x.mean(-1, keepdim=True)
+    xn = (x - mu) / ((x - mu).std(-1, keepdim=True) + 1e-5)
+    pre = (xn - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(3, dim=-1)
+    out = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec + sae.b_dec
+    n_dead, k_aux = int(dead.sum()), 8 // 2
+    vals, idx = pre.masked_fill(~dead, -torch.inf).topk(min(k_aux, n_dead), dim=-1)
+    recons = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec
+    ref = min(n_dead / k_aux, 1.0) * (recons - (xn - out).detach()).pow(2).sum(-1).mean()
+    (ref_grad,) = torch.autograd.grad(ref, sae.W_dec)
+    torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+    # without layer norm it is SAELens's TopK loss unchanged
+    plain_cfg = convergence.STUDY_ARCHITECTURES["topk"].training_config(
+        d_in=8, d_sae=32, k=3, aux_loss_coefficient=1.0
+    )
+    torch.manual_seed(1)
+    plain = TopKTrainingSAE(plain_cfg)
+    torch.manual_seed(1)
+    ours = convergence._normalised_aux_topk_class()(plain_cfg)
+    torch.testing.assert_close(_topk_step(ours, x, dead), _topk_step(plain, x, dead))
+
+
 def test_synthetic_stream_is_seeded_and_held_out_apart() -> None:
     args = convergence.parse_args(["--quick"])
     study = convergence.study_settings(args)["synthetic"]
