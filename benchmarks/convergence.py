@@ -142,6 +142,8 @@ _PAPER_ROWS = (
     _FC_ZIPF,
 )
 _BEYOND_PAPER_ROWS = (
+    # trains with its aux loss in the normalised space (build_sae): SAELens's
+    # TopK refuses the loss under layer norm
     _TOPK.variant("topk_layernorm", "TopK, per-token layer norm", **_LAYER_NORM),
     _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM),
     _FC_ZIPF.variant("fc_zipf_layernorm", "FC-Zipf, per-token layer norm", **_LAYER_NORM),
