@@ -81,6 +81,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -613,6 +614,7 @@ def _quiet_calibration() -> Iterator[None]:
         calibration.tqdm = original  # type: ignore[assignment]
 
 
+@functools.cache
 def _normalised_aux_topk_class() -> type[Any]:
     """SAELens's TopK training SAE with its aux loss in the per-token normalised space.
 
