@@ -146,6 +146,12 @@ _BEYOND_PAPER_ROWS = (
     # trains with its aux loss in the normalised space (build_sae): SAELens's
     # TopK refuses the loss under layer norm
     _TOPK.variant("topk_layernorm", "TopK, per-token layer norm", **_LAYER_NORM),
+    # its aux loss in the input's units (build_sae): mc_auxk_layernorm_inputaux's control
+    _TOPK.variant(
+        "topk_layernorm_inputaux",
+        "TopK, per-token layer norm, aux loss in input units",
+        **_LAYER_NORM,
+    ),
     _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM),
     _FC_ZIPF.variant("fc_zipf_layernorm", "FC-Zipf, per-token layer norm", **_LAYER_NORM),
     _MC.variant("mc_normscore", "MC, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
@@ -172,6 +178,16 @@ _BEYOND_PAPER_ROWS = (
         "MC (aux_k), latent floor 0.1, per-token layer norm",
         aux_loss="aux_k",
         latent_floor=0.1,
+        **_LAYER_NORM,
+    ),
+    # mc_auxk_layernorm with its aux loss in the input's units: in the normalised
+    # space it weighs about E[std^2] (~41 on the real LM's stream) times less
+    # against SAELens's MSE than in the rows without layer norm
+    _MC.variant(
+        "mc_auxk_layernorm_inputaux",
+        "MC (aux_k), per-token layer norm, aux loss in input units",
+        aux_loss="aux_k",
+        aux_loss_units="input",
         **_LAYER_NORM,
     ),
 )
@@ -614,8 +630,13 @@ def _quiet_calibration() -> Iterator[None]:
         calibration.tqdm = original  # type: ignore[assignment]
 
 
+#: TopK rows (TopK's config has no ``aux_loss_units``) whose aux loss under layer
+#: norm is in the input's units, as the Choice SAEs' ``aux_loss_units="input"``.
+_TOPK_INPUT_UNITS_AUX = frozenset({"topk_layernorm_inputaux"})
+
+
 @functools.cache
-def _normalised_aux_topk_class() -> type[Any]:
+def _normalised_aux_topk_class(input_units: bool = False) -> type[Any]:
     """SAELens's TopK training SAE with its aux loss in the per-token normalised space.
 
     SAELens's ``TopKTrainingSAE`` refuses its aux loss under
@@ -626,8 +647,13 @@ def _normalised_aux_topk_class() -> type[Any]:
     control does the same: the residual is mapped into the normalised space and
     SAELens's own loss runs on it. Everything else is SAELens's TopK, and the
     saved SAE is a plain SAELens ``topk`` SAE.
+
+    ``input_units=True`` (the ``topk_layernorm_inputaux`` control): the aux loss
+    in the input's units instead, as the Choice SAEs' ``aux_loss_units="input"``:
+    SAELens's original-space residual, and the aux reconstruction times the
+    token's layer-norm std (what SAELens's output map multiplies by).
     """
-    from sae_lens.saes.topk_sae import TopKTrainingSAE
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec, calculate_topk_aux_acts
     from typing_extensions import override
 
     class NormalisedAuxTopKTrainingSAE(TopKTrainingSAE):
@@ -647,7 +673,12 @@ def _normalised_aux_topk_class() -> type[Any]:
             # (sae.py, run_time_activation_ln_in); the residual is then the one
             # between the normalised input and the SAE's normalised prediction
             mu = sae_in.mean(dim=-1, keepdim=True)
-            scale = (sae_in - mu).std(dim=-1, keepdim=True) + 1e-5
+            std = (sae_in - mu).std(dim=-1, keepdim=True)
+            if input_units:
+                return self._input_units_aux_loss(
+                    sae_in, sae_out, std, hidden_pre, dead_neuron_mask
+                )
+            scale = std + 1e-5
             normalised_in = (sae_in - mu) / scale
             normalised_out = (sae_out - mu) / scale
             # SAELens's check is the only use of the setting in the loss: lift
@@ -660,6 +691,27 @@ def _normalised_aux_topk_class() -> type[Any]:
             finally:
                 self.cfg.normalize_activations = "layer_norm"
 
+        def _input_units_aux_loss(
+            self,
+            sae_in: torch.Tensor,
+            sae_out: torch.Tensor,
+            std: torch.Tensor,
+            hidden_pre: torch.Tensor,
+            dead_neuron_mask: torch.Tensor | None,
+        ) -> torch.Tensor:
+            # SAELens's calculate_topk_aux_loss step by step (its helpers), with
+            # the normalised-space reconstruction mapped to the residual's units
+            if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+                return sae_out.new_tensor(0.0)
+            k_aux = sae_in.shape[-1] // 2
+            scale = min(num_dead / k_aux, 1.0)
+            acts = calculate_topk_aux_acts(
+                k_aux=min(k_aux, num_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead_neuron_mask
+            )
+            recons = act_times_W_dec(acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
+            residual = (sae_in - sae_out).detach()
+            return scale * (recons * std - residual).pow(2).sum(dim=-1).mean()
+
     return NormalisedAuxTopKTrainingSAE
 
 
@@ -667,7 +719,8 @@ def build_sae(spec: RunSpec, stats: Stats, device: str) -> Any:
     """The run's training SAE: seeded init, b_dec at the training mean.
 
     TopK with a per-token layer norm trains as :func:`_normalised_aux_topk_class`
-    (SAELens's TopK refuses its aux loss there).
+    (SAELens's TopK refuses its aux loss there), in the input's units for the
+    rows in ``_TOPK_INPUT_UNITS_AUX``.
     """
     from sae_lens.registry import get_sae_training_class
 
@@ -682,7 +735,7 @@ def build_sae(spec: RunSpec, stats: Stats, device: str) -> Any:
     )
     sae_class, _ = get_sae_training_class(cfg.architecture())
     if cfg.architecture() == "topk" and cfg.normalize_activations == "layer_norm":
-        sae_class = _normalised_aux_topk_class()
+        sae_class = _normalised_aux_topk_class(spec.arch in _TOPK_INPUT_UNITS_AUX)
     torch.manual_seed(spec.seed)  # the same initialisation draw for every architecture
     sae = sae_class(cfg)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from sae_lens.registry import get_sae_training_class
@@ -64,6 +64,8 @@ from sae_lens_choice.zipf import (
 
 AuxLoss = Literal["none", "aux_k", "aux_zipf"]
 AUX_LOSSES: tuple[str, ...] = ("none", "aux_k", "aux_zipf")
+AuxLossUnits = Literal["normalised", "input"]
+AUX_LOSS_UNITS: tuple[str, ...] = ("normalised", "input")
 StepImplementation = Literal["auto", "sparse", "dense"]
 STEP_IMPLEMENTATIONS: tuple[str, ...] = ("auto", "sparse", "dense")
 AllocationScore = Literal["hidden_pre", "hidden_pre_over_input_norm"]
@@ -238,7 +240,17 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             study, ``docs/archive/2026-11-24/convergence.md``) or ``"aux_zipf"`` (the paper's: dead
             plus under-used latents by the fitted Zipf curve). With a per-token
             ``normalize_activations`` (``"layer_norm"``,
-            ``"constant_norm_rescale"``) the loss works in the normalised space.
+            ``"constant_norm_rescale"``) the loss works in the normalised space
+            unless ``aux_loss_units`` says otherwise.
+        aux_loss_units (str): the units of the aux loss under a per-token
+            ``normalize_activations``. ``"normalised"`` (default; Gao et al.'s
+            choice): the residual and the aux reconstruction in the normalised
+            space. ``"input"`` (beyond the paper): each token's residual and aux
+            reconstruction are scaled back by its normalisation factor (its
+            layer-norm std, or ``1 / x_norm_coeff``), the units SAELens measures
+            the MSE in; in the normalised space the aux loss weighs about
+            E[std^2] times less against the MSE than without normalisation.
+            No effect without a per-token normalisation.
         aux_loss_coefficient (float): Multiplies the auxiliary loss.
         zipf_underuse_ratio (float): gamma in [0, 1]: a latent is under-used
             when its density is below gamma times the fitted Zipf curve at its
@@ -275,6 +287,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     k: float = 32  # type: ignore[assignment]
     allocation_score: AllocationScore = "hidden_pre"
     aux_loss: AuxLoss = "aux_k"
+    aux_loss_units: AuxLossUnits = "normalised"
     aux_loss_coefficient: float = 1.0
     zipf_underuse_ratio: float = 0.5
     zipf_fit_rank_window: tuple[float, float] = DEFAULT_RANK_WINDOW
@@ -316,6 +329,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             check_number(self.decoder_init_norm, "decoder_init_norm", owner=owner, gt=0)
         check_choice(self.allocation_score, "allocation_score", ALLOCATION_SCORES, owner=owner)
         check_choice(self.aux_loss, "aux_loss", AUX_LOSSES, owner=owner)
+        check_choice(self.aux_loss_units, "aux_loss_units", AUX_LOSS_UNITS, owner=owner)
         check_number(self.aux_loss_coefficient, "aux_loss_coefficient", owner=owner, ge=0)
         check_number(self.zipf_underuse_ratio, "zipf_underuse_ratio", owner=owner, ge=0, le=1)
         window = self.zipf_fit_rank_window
@@ -625,6 +639,7 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
             sae_in, rank_sizes, candidates
         )
         sae_out_pre = self.hook_sae_recons(sae_out_pre)
+        aux_scale = self._aux_input_scale()  # read before the output map deletes it
         sae_out = self.reshape_fn_out(
             self.run_time_activation_norm_fn_out(sae_out_pre), self.d_head
         )
@@ -636,9 +651,12 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
             # sae_out_pre is what the SAE predicts for the normalised input, before
             # b_dec is removed: the aux loss lives in that (normalised) space
             normalised_in = sae_in + self.b_dec * self.cfg.apply_b_dec_to_input
+            residual = normalised_in - sae_out_pre
+            if aux_scale is not None:  # aux_loss_units="input"
+                aux_recons, residual = aux_recons * aux_scale, residual * aux_scale
             losses["auxiliary_reconstruction_loss"] = aux_reconstruction_loss(
                 self.reshape_fn_out(aux_recons, self.d_head),
-                self.reshape_fn_out(normalised_in - sae_out_pre, self.d_head),
+                self.reshape_fn_out(residual, self.d_head),
                 candidates,
                 default_k_aux(self.cfg.d_in),
                 coefficient=self.cfg.aux_loss_coefficient,
@@ -659,6 +677,23 @@ class ChoiceTrainingSAE(TopKTrainingSAE):
         if step_input.is_logging_step:
             output.metrics.update(self._metrics(pairs, n_tokens, step_input))
         return output
+
+    def _aux_input_scale(self) -> torch.Tensor | None:
+        """Per-token factor from the normalised space to the input's units, or None.
+
+        Only with ``aux_loss_units="input"`` and a per-token normalisation: the
+        layer-norm std (SAELens's ``ln_std``) or ``1 / x_norm_coeff``, both set
+        by ``process_sae_in`` and deleted by ``run_time_activation_norm_fn_out``.
+        (The layer norm's ``eps`` is left out, as SAELens's output map leaves it.)
+        """
+        if self.cfg.aux_loss_units != "input":
+            return None
+        norm = self.cfg.normalize_activations
+        if norm == "layer_norm":
+            return cast(torch.Tensor, self.ln_std)
+        if norm == "constant_norm_rescale":
+            return 1 / cast(torch.Tensor, self.x_norm_coeff)
+        return None
 
     def _dense_forward(
         self, sae_in: torch.Tensor, rank_sizes: list[int] | None, candidates: torch.Tensor | None

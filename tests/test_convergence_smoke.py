@@ -298,6 +298,25 @@ def test_topk_layernorm_control_computes_its_aux_loss_in_the_normalised_space() 
     torch.testing.assert_close(aux, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
 
+    # the input-units control: the original-space residual, the reconstruction
+    # times the token's std (SAELens's output map)
+    assert "topk_layernorm_inputaux" in convergence._TOPK_INPUT_UNITS_AUX
+    sae_in_units = convergence._normalised_aux_topk_class(True)(cfg)
+    sae_in_units.load_state_dict(sae.state_dict())
+    aux_in_units = _topk_step(sae_in_units, x, dead)["auxiliary_reconstruction_loss"]
+    (grad_in_units,) = torch.autograd.grad(aux_in_units, sae_in_units.W_dec)
+    std = (x - mu).std(-1, keepdim=True)
+    out_in_units = out * std + mu  # SAELens's run_time_activation_ln_out
+    recons = torch.zeros_like(pre).scatter(-1, idx, vals.relu()) @ sae.W_dec  # a fresh graph
+    ref = min(n_dead / k_aux, 1.0) * (
+        (recons * std - (x - out_in_units).detach()).pow(2).sum(-1).mean()
+    )
+    (ref_grad,) = torch.autograd.grad(ref, sae.W_dec)
+    torch.testing.assert_close(aux_in_units, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_in_units, ref_grad, rtol=1e-4, atol=1e-4)
+    # x's std is about 5: the two units differ
+    assert float(aux_in_units.detach()) > 2 * float(aux.detach())
+
     # without layer norm it is SAELens's TopK loss unchanged
     plain_cfg = convergence.STUDY_ARCHITECTURES["topk"].training_config(
         d_in=8, d_sae=32, k=3, aux_loss_coefficient=1.0

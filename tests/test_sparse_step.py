@@ -127,10 +127,11 @@ def test_sparse_step_equals_dense_step_on_3d_inputs(arch: str) -> None:
     "options",
     [
         {"normalize_activations": "layer_norm", "aux_loss": "aux_k"},
+        {"normalize_activations": "layer_norm", "aux_loss": "aux_k", "aux_loss_units": "input"},
         {"allocation_score": "hidden_pre_over_input_norm"},
         {"apply_b_dec_to_input": False},
     ],
-    ids=["layer_norm", "norm_score", "no_b_dec_in"],
+    ids=["layer_norm", "layer_norm_input_aux", "norm_score", "no_b_dec_in"],
 )
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sparse_step_equals_dense_step_with_options(arch: str, options: dict[str, Any]) -> None:

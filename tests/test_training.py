@@ -370,6 +370,7 @@ _SHARED_BAD: list[tuple[str, dict[str, Any]]] = [
     ("apply_b_dec_to_input", {"apply_b_dec_to_input": "true"}),
     ("use_sparse_activations", {"use_sparse_activations": 1}),
     ("aux_loss_coefficient", {"aux_loss_coefficient": float("inf")}),
+    ("aux_loss_units", {"aux_loss_units": "raw"}),
     ("d_sae", {"d_sae": 0}),
     ("d_sae", {"d_sae": 32.0}),
     ("d_in", {"d_in": 0}),
@@ -724,6 +725,79 @@ def test_layer_norm_aux_loss_works_in_the_normalised_space(arch: str) -> None:
     torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-6)
     # the residual's scale is the normalised one, not the raw (50x) one
     assert float(aux) < 10 * D_IN
+
+
+def _brute_force_aux_k(
+    sae: Any, out: Any, normed: torch.Tensor, dead: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Aux_k with the residual and reconstruction built in the normalised space
+    and each token's multiplied by ``scale`` (its factor back to input units).
+    The pre-activations are recomputed (they depend on W_dec's norms)."""
+    recon_pre = (out.feature_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec
+    hidden_pre = sae.compute_hidden_pre(normed - sae.b_dec)
+    torch.testing.assert_close(hidden_pre, out.hidden_pre)
+    masked = torch.where(dead, hidden_pre, torch.tensor(float("-inf")))
+    top = masked.topk(D_IN // 2, dim=-1)
+    aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
+    recons = (aux_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec
+    residual = (normed - recon_pre).detach()
+    n_dead = int(dead.sum())
+    return ((recons - residual) * scale).pow(2).sum(-1).mean() * min(n_dead / (D_IN // 2), 1.0)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aux_loss_in_input_units_scales_each_token_back(arch: str, norm: str) -> None:
+    # aux_loss_units="input": the aux loss in the units SAELens measures the MSE
+    # in, each token's residual and aux reconstruction times its normalisation
+    # factor (layer-norm std, or ||x|| / sqrt(d_in))
+    sae = make_sae(arch, aux_loss="aux_k", normalize_activations=norm, aux_loss_units="input")
+    reference = make_sae(arch, aux_loss="aux_k", normalize_activations=norm)
+    reference.load_state_dict(sae.state_dict())
+    x = (50 * inputs(40, seed=4) + 3) * torch.linspace(0.2, 3.0, 40)[:, None]
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:10] = True
+    out = step(sae, x, dead_neuron_mask=dead, is_logging_step=False)
+    ref = step(reference, x, dead_neuron_mask=dead, is_logging_step=False)
+    # the selection, reconstruction and MSE are those of the normalised-units SAE
+    torch.testing.assert_close(out.sae_out, ref.sae_out)
+    torch.testing.assert_close(out.losses["mse_loss"], ref.losses["mse_loss"])
+    if norm == "layer_norm":
+        centred = x - x.mean(-1, keepdim=True)
+        std = centred.std(-1, keepdim=True)
+        normed, scale = centred / (std + 1e-5), std
+    else:
+        norms = x.norm(dim=-1, keepdim=True)
+        normed, scale = x * D_IN**0.5 / norms, norms / D_IN**0.5
+    expected = _brute_force_aux_k(sae, out, normed, dead, scale)
+    aux = out.losses["auxiliary_reconstruction_loss"]
+    torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-6)
+    # gradients too: the aux loss's gradients are the brute force's
+    sae.zero_grad()
+    aux.backward()
+    got = [p.grad.clone() for p in (sae.W_dec, sae.W_enc)]
+    sae.zero_grad()
+    _brute_force_aux_k(sae, out, normed, dead, scale).backward()
+    for g, p in zip(got, (sae.W_dec, sae.W_enc)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()))
+    # and it differs from the normalised-units loss by the tokens' squared scale
+    ratio = float(aux) / float(ref.losses["auxiliary_reconstruction_loss"])
+    assert float(scale.pow(2).min()) < ratio < float(scale.pow(2).max())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_aux_loss_units_change_nothing_without_per_token_normalisation(arch: str) -> None:
+    sae = make_sae(arch, aux_loss="aux_k", aux_loss_units="input")
+    reference = make_sae(arch, aux_loss="aux_k")
+    reference.load_state_dict(sae.state_dict())
+    x = 5 * inputs(40, seed=5)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[:10] = True
+    out = step(sae, x, dead_neuron_mask=dead, is_logging_step=False)
+    ref = step(reference, x, dead_neuron_mask=dead, is_logging_step=False)
+    assert torch.equal(
+        out.losses["auxiliary_reconstruction_loss"], ref.losses["auxiliary_reconstruction_loss"]
+    )
 
 
 # ---------------------------------------------------------------------------
