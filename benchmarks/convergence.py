@@ -656,6 +656,8 @@ def _normalised_aux_topk_class(input_units: bool = False) -> type[Any]:
     from sae_lens.saes.topk_sae import TopKTrainingSAE, act_times_W_dec, calculate_topk_aux_acts
     from typing_extensions import override
 
+    from sae_lens_choice.losses import aux_reconstruction_loss
+
     class NormalisedAuxTopKTrainingSAE(TopKTrainingSAE):
         @override
         def calculate_topk_aux_loss(
@@ -699,18 +701,23 @@ def _normalised_aux_topk_class(input_units: bool = False) -> type[Any]:
             hidden_pre: torch.Tensor,
             dead_neuron_mask: torch.Tensor | None,
         ) -> torch.Tensor:
-            # SAELens's calculate_topk_aux_loss step by step (its helpers), with
-            # the normalised-space reconstruction mapped to the residual's units
+            # SAELens's calculate_topk_aux_loss from its helpers and this package's
+            # equal loss, with the normalised-space reconstruction mapped to the
+            # residual's units
             if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
                 return sae_out.new_tensor(0.0)
             k_aux = sae_in.shape[-1] // 2
-            scale = min(num_dead / k_aux, 1.0)
             acts = calculate_topk_aux_acts(
                 k_aux=min(k_aux, num_dead), hidden_pre=hidden_pre, dead_neuron_mask=dead_neuron_mask
             )
             recons = act_times_W_dec(acts, self.W_dec, self.cfg.rescale_acts_by_decoder_norm)
-            residual = (sae_in - sae_out).detach()
-            return scale * (recons * std - residual).pow(2).sum(dim=-1).mean()
+            return aux_reconstruction_loss(
+                recons * std,
+                sae_in - sae_out,
+                dead_neuron_mask,
+                k_aux,
+                coefficient=self.cfg.aux_loss_coefficient,
+            )
 
     return NormalisedAuxTopKTrainingSAE
 

@@ -8,6 +8,7 @@ be checked token by token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -316,6 +317,13 @@ def test_topk_layernorm_control_computes_its_aux_loss_in_the_normalised_space() 
     torch.testing.assert_close(grad_in_units, ref_grad, rtol=1e-4, atol=1e-4)
     # x's std is about 5: the two units differ
     assert float(aux_in_units.detach()) > 2 * float(aux.detach())
+    # the config's aux_loss_coefficient applies, as in SAELens's loss
+    quarter_cfg = dataclasses.replace(cfg, aux_loss_coefficient=0.25)
+    quarter = convergence._normalised_aux_topk_class(True)(quarter_cfg)
+    quarter.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(
+        _topk_step(quarter, x, dead)["auxiliary_reconstruction_loss"], 0.25 * aux_in_units
+    )
 
     # without layer norm it is SAELens's TopK loss unchanged
     plain_cfg = convergence.STUDY_ARCHITECTURES["topk"].training_config(

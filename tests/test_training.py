@@ -700,6 +700,25 @@ def test_hook_z_reshaping_with_aux_k_reshapes_the_reconstruction_back(arch: str)
     assert torch.isfinite(sae.W_dec.grad).all()
 
 
+def _brute_force_aux_k(
+    sae: Any, out: Any, normed: torch.Tensor, dead: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Aux_k with the residual and reconstruction built in the normalised space
+    and each token's multiplied by ``scale`` (its factor back to input units;
+    ones for the normalised units).
+    The pre-activations are recomputed (they depend on W_dec's norms)."""
+    recon_pre = (out.feature_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec
+    hidden_pre = sae.compute_hidden_pre(normed - sae.b_dec)
+    torch.testing.assert_close(hidden_pre, out.hidden_pre)
+    masked = torch.where(dead, hidden_pre, torch.tensor(float("-inf")))
+    top = masked.topk(D_IN // 2, dim=-1)
+    aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
+    recons = (aux_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec
+    residual = (normed - recon_pre).detach()
+    n_dead = int(dead.sum())
+    return ((recons - residual) * scale).pow(2).sum(-1).mean() * min(n_dead / (D_IN // 2), 1.0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layer_norm_aux_loss_works_in_the_normalised_space(arch: str) -> None:
     sae = make_sae(arch, aux_loss="aux_k", normalize_activations="layer_norm")
@@ -713,36 +732,10 @@ def test_layer_norm_aux_loss_works_in_the_normalised_space(arch: str) -> None:
         mu = x.mean(-1, keepdim=True)
         centred = x - mu
         normed = centred / (centred.std(-1, keepdim=True) + 1e-5)
-        acts = out.feature_acts
-        recon_pre = (acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec
-        residual = normed - recon_pre
-        hidden_pre = out.hidden_pre.detach()
-        masked = torch.where(dead, hidden_pre, torch.tensor(float("-inf")))
-        top = masked.topk(D_IN // 2, dim=-1)
-        aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
-        recons = (aux_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec
-        expected = (recons - residual).pow(2).sum(-1).mean() * min(10 / (D_IN // 2), 1.0)
+        expected = _brute_force_aux_k(sae, out, normed, dead, scale=torch.ones(()))
     torch.testing.assert_close(aux, expected, rtol=1e-5, atol=1e-6)
     # the residual's scale is the normalised one, not the raw (50x) one
     assert float(aux) < 10 * D_IN
-
-
-def _brute_force_aux_k(
-    sae: Any, out: Any, normed: torch.Tensor, dead: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Aux_k with the residual and reconstruction built in the normalised space
-    and each token's multiplied by ``scale`` (its factor back to input units).
-    The pre-activations are recomputed (they depend on W_dec's norms)."""
-    recon_pre = (out.feature_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec + sae.b_dec
-    hidden_pre = sae.compute_hidden_pre(normed - sae.b_dec)
-    torch.testing.assert_close(hidden_pre, out.hidden_pre)
-    masked = torch.where(dead, hidden_pre, torch.tensor(float("-inf")))
-    top = masked.topk(D_IN // 2, dim=-1)
-    aux_acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values)
-    recons = (aux_acts / sae.W_dec.norm(dim=-1)) @ sae.W_dec
-    residual = (normed - recon_pre).detach()
-    n_dead = int(dead.sum())
-    return ((recons - residual) * scale).pow(2).sum(-1).mean() * min(n_dead / (D_IN // 2), 1.0)
 
 
 @pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
