@@ -132,6 +132,9 @@ _FC_ZIPF = ARCHITECTURE_TABLE["feature_choice_zipf"].variant(
 )
 _NORM_SCORE = {"allocation_score": "hidden_pre_over_input_norm"}
 _LAYER_NORM = {"normalize_activations": "layer_norm"}
+# The Choice rows with layer norm that ran while the aux loss was always in the
+# normalised space pin it, now that the package defaults to aux_loss_units="input"
+_LAYER_NORM_NORMALISED_AUX = {**_LAYER_NORM, "aux_loss_units": "normalised"}
 
 _PAPER_ROWS = (
     _TOPK,
@@ -152,7 +155,7 @@ _BEYOND_PAPER_ROWS = (
         "TopK, per-token layer norm, aux loss in input units",
         **_LAYER_NORM,
     ),
-    _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM),
+    _MC.variant("mc_layernorm", "MC, per-token layer norm", **_LAYER_NORM_NORMALISED_AUX),
     _FC_ZIPF.variant("fc_zipf_layernorm", "FC-Zipf, per-token layer norm", **_LAYER_NORM),
     _MC.variant("mc_normscore", "MC, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
     _FC_ZIPF.variant("fc_zipf_normscore", "FC-Zipf, rank by pre-act / ‖x − b_dec‖", **_NORM_SCORE),
@@ -169,7 +172,10 @@ _BEYOND_PAPER_ROWS = (
     # the per-token layer norm row with the default aux loss (mc_layernorm keeps
     # the paper's aux_zipf, which was unstable at 4M tokens)
     _MC.variant(
-        "mc_auxk_layernorm", "MC (aux_k), per-token layer norm", aux_loss="aux_k", **_LAYER_NORM
+        "mc_auxk_layernorm",
+        "MC (aux_k), per-token layer norm",
+        aux_loss="aux_k",
+        **_LAYER_NORM_NORMALISED_AUX,
     ),
     # the two together: the floor keeps alive the latents that layer norm leaves
     # dead in training (about 10 per run at 8M tokens); fixed before any run
@@ -178,7 +184,7 @@ _BEYOND_PAPER_ROWS = (
         "MC (aux_k), latent floor 0.1, per-token layer norm",
         aux_loss="aux_k",
         latent_floor=0.1,
-        **_LAYER_NORM,
+        **_LAYER_NORM_NORMALISED_AUX,
     ),
     # mc_auxk_layernorm with its aux loss in the input's units: in the normalised
     # space it weighs about E[std^2] (~41 on the real LM's stream) times less

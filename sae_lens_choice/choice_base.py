@@ -240,17 +240,21 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
             study, ``docs/archive/2026-11-24/convergence.md``) or ``"aux_zipf"`` (the paper's: dead
             plus under-used latents by the fitted Zipf curve). With a per-token
             ``normalize_activations`` (``"layer_norm"``,
-            ``"constant_norm_rescale"``) the loss works in the normalised space
-            unless ``aux_loss_units`` says otherwise.
+            ``"constant_norm_rescale"``) the aux losses work on the normalised
+            pre-activations, in the units ``aux_loss_units`` says.
         aux_loss_units (str): the units of the aux loss under a per-token
-            ``normalize_activations``. ``"normalised"`` (default; Gao et al.'s
-            choice): the residual and the aux reconstruction in the normalised
-            space. ``"input"`` (beyond the paper): each token's residual and aux
-            reconstruction are scaled back by its normalisation factor (its
-            layer-norm std, or ``1 / x_norm_coeff``), the units SAELens measures
-            the MSE in; in the normalised space the aux loss weighs about
-            E[std^2] times less against the MSE than without normalisation.
-            No effect without a per-token normalisation.
+            ``normalize_activations``. ``"input"`` (default; beyond the paper):
+            each token's residual and aux reconstruction are scaled back by its
+            normalisation factor (its layer-norm std, or ``1 / x_norm_coeff``),
+            the units SAELens measures the MSE in. ``"normalised"`` (Gao et
+            al.'s choice): the residual and the aux reconstruction in the
+            normalised space, where the aux loss weighs about E[std^2] times
+            less against the MSE than without normalisation; in
+            ``benchmarks/convergence.py``'s study (``docs/convergence.md``)
+            that left Mutual Choice with layer norm 10-13 dead latents per run
+            on SmolLM2, against 0-3 with ``"input"``. No effect without a
+            per-token normalisation. A saved config without this field (written
+            before it existed) loads as ``"normalised"``, the units it trained in.
         aux_loss_coefficient (float): Multiplies the auxiliary loss.
         zipf_underuse_ratio (float): gamma in [0, 1]: a latent is under-used
             when its density is below gamma times the fitted Zipf curve at its
@@ -287,7 +291,7 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     k: float = 32  # type: ignore[assignment]
     allocation_score: AllocationScore = "hidden_pre"
     aux_loss: AuxLoss = "aux_k"
-    aux_loss_units: AuxLossUnits = "normalised"
+    aux_loss_units: AuxLossUnits = "input"
     aux_loss_coefficient: float = 1.0
     zipf_underuse_ratio: float = 0.5
     zipf_fit_rank_window: tuple[float, float] = DEFAULT_RANK_WINDOW
@@ -307,6 +311,10 @@ class ChoiceTrainingSAEConfig(TopKTrainingSAEConfig):
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> Any:
         check_own_choice_fields(cls, config_dict, get_sae_training_class)
+        if "aux_loss_units" not in config_dict:
+            # written before the field existed, when the aux loss was always in
+            # the normalised space: resuming must not change its units
+            config_dict = {**config_dict, "aux_loss_units": "normalised"}
         return super().from_dict(config_dict)
 
     def validate_choice_fields(self) -> None:

@@ -521,3 +521,42 @@ def test_real_source_end_to_end_without_ce(toy_cache: Path, tmp_path: Path) -> N
         final = json.loads((run / "evals" / "tokens_000000000256.json").read_text())
         assert final["epochs"] == pytest.approx(256 / (40 * 12))  # 40 train rows of 12
         assert "saved" in final and "ce" not in final
+
+
+PER_TOKEN = ("layer_norm", "constant_norm_rescale")
+
+
+def test_stored_runs_still_mean_what_their_rows_build() -> None:
+    # A stored run's resolved config (config.json, read as SAELens reads a saved
+    # config) must agree with what its row builds today on every option the
+    # study varies, so a change of the package's defaults cannot silently change
+    # what a stored row measured (rows pin such options; aux_loss_units did this).
+    from sae_lens.registry import get_sae_training_class
+
+    studied = {key for row in convergence.STUDY_ARCHITECTURES.values() for key in row.options}
+    studied |= {"aux_loss_units", "aux_loss", "capacity", "latent_floor", "allocation_score"}
+    paths = sorted(convergence.DEFAULT_RESULTS_DIR.glob("*/*/config.json"))
+    checked = 0
+    for path in paths:
+        description = json.loads((path.parent / "run.json").read_text())
+        row = convergence.STUDY_ARCHITECTURES.get(description["arch"])
+        if row is None:
+            continue
+        stored = json.loads(path.read_text())
+        cfg_class = get_sae_training_class(stored["architecture"])[1]
+        then = cfg_class.from_dict(stored)
+        now = row.training_config(
+            d_in=stored["d_in"],
+            d_sae=stored["d_sae"],
+            k=stored["k"],
+            device="cpu",
+            dtype="float32",
+            normalize_activations=description["settings"]["normalization"],
+        )
+        for key in sorted(studied):
+            if key == "aux_loss_units" and now.normalize_activations not in PER_TOKEN:
+                continue  # no effect without a per-token normalisation
+            if hasattr(now, key):
+                assert getattr(then, key) == getattr(now, key), (path, key)
+        checked += 1
+    assert paths and checked == len(paths)  # every stored run is a row of today's table

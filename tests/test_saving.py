@@ -258,6 +258,25 @@ def test_a_0_1_0_training_checkpoint_still_loads(tmp_path: Path) -> None:
     assert int(loaded.training_steps) == 0 and int(loaded.nonfinite_step) == -1
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_checkpoint_saved_before_aux_loss_units_keeps_its_normalised_aux_loss(
+    arch: str, tmp_path: Path
+) -> None:
+    # the field's default became "input"; a checkpoint written before the field
+    # existed trained its aux loss in the normalised space and must resume so
+    sae = make_training_sae(
+        arch, d_in=D_IN, d_sae=D_SAE, k=4, aux_loss="aux_k", normalize_activations="layer_norm"
+    )
+    assert sae.cfg.aux_loss_units == "input"
+    sae.save_model(tmp_path / "new")
+    assert TrainingSAE.load_from_disk(tmp_path / "new").cfg.aux_loss_units == "input"
+    sae.save_model(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    del cfg["aux_loss_units"]
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    assert TrainingSAE.load_from_disk(tmp_path / "old").cfg.aux_loss_units == "normalised"
+
+
 def test_unknown_cfg_fields_are_ignored_as_sae_lens_does(tmp_path: Path) -> None:
     # SAELens filters a cfg.json to the config's fields (it enriches configs
     # with runner fields itself); this package follows it for its own configs.

@@ -126,7 +126,11 @@ def test_sparse_step_equals_dense_step_on_3d_inputs(arch: str) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        {"normalize_activations": "layer_norm", "aux_loss": "aux_k"},
+        {
+            "normalize_activations": "layer_norm",
+            "aux_loss": "aux_k",
+            "aux_loss_units": "normalised",
+        },
         {"normalize_activations": "layer_norm", "aux_loss": "aux_k", "aux_loss_units": "input"},
         {"allocation_score": "hidden_pre_over_input_norm"},
         {"apply_b_dec_to_input": False},
