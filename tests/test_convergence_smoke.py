@@ -534,7 +534,6 @@ def test_stored_runs_still_mean_what_their_rows_build() -> None:
     from sae_lens.registry import get_sae_training_class
 
     studied = {key for row in convergence.STUDY_ARCHITECTURES.values() for key in row.options}
-    studied |= {"aux_loss_units", "aux_loss", "capacity", "latent_floor", "allocation_score"}
     paths = sorted(convergence.DEFAULT_RESULTS_DIR.glob("*/*/config.json"))
     checked = 0
     for path in paths:
