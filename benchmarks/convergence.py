@@ -72,6 +72,8 @@ Usage::
     python -m benchmarks.convergence --stage screen          # k=16, seed 0, every arch
     python -m benchmarks.convergence --stage final --archs topk mc fc_zipf_normscore
     python -m benchmarks.convergence --estimate-only         # time a few steps per arch
+    python -m benchmarks.convergence --stage final --archs fc_zipf --reference-from-results
+                                   # more rows against the stored TopK, not retrained
     python -m benchmarks.convergence --report                # docs/convergence.md + plots
 """
 
@@ -1184,17 +1186,64 @@ class Plan:
     seeds: list[int]
 
 
+def stored_reference_budget(
+    results_dir: Path, study: StudySettings, k: int, seeds: Sequence[int], max_tokens: int
+) -> dict[str, Any]:
+    """The budget record of TopK's stored runs, for ``--reference-from-results``.
+
+    The rows a new process trains are then compared with TopK's evaluations
+    already in ``results_dir`` instead of a retrained TopK (a retrain on
+    another machine differs from them by up to ~0.1%, and costs the most of
+    any row). Every row's data order and initialisation depend on the seed
+    only, so this changes nothing the comparison relies on. The budget is the
+    stored one, or ``max_tokens`` if smaller: a checkpoint TopK also has.
+    Raises ``FileNotFoundError`` (naming the fix) where the stored record or a
+    seed's TopK evaluation at that budget is missing.
+    """
+    base = results_dir / study.key()
+    path = base / f"budget_k{k}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--reference-from-results: no stored TopK budget {path}; train TopK for "
+            f"{study.source} k={k} first (run without --reference-from-results)"
+        )
+    record = {**_read_json(path)}
+    budget = min(int(record["budget"]), max_tokens)
+    for seed in seeds:
+        evaluation = RunSpec(study, REFERENCE, k, seed).folder(results_dir) / "evals"
+        if not (evaluation / f"tokens_{budget:012d}.json").is_file():
+            raise FileNotFoundError(
+                f"--reference-from-results: TopK {study.source} k={k} seed {seed} has no "
+                f"stored evaluation at {budget:,} tokens in {evaluation}; train it first "
+                "(run without --reference-from-results) or lower --max-tokens"
+            )
+    if budget < record["budget"]:
+        record.update(budget=budget, converged=False)
+    return record
+
+
 def run_plan(plan: Plan, ctx: Context, settings: dict[str, StudySettings], args: Any) -> None:
-    """For each source and k: converge TopK over the seeds, then train the rest to its budget."""
+    """For each source and k: converge TopK over the seeds, then train the rest to its budget.
+
+    With ``args.reference_from_results`` TopK is not trained: its stored
+    budget (:func:`stored_reference_budget`) is used.
+    """
     for source_name in plan.sources:
         source = ctx.sources[source_name]
         study = settings[source_name]
         for k in plan.ks:
-            refs = {s: Run(RunSpec(study, REFERENCE, k, s), source, ctx) for s in plan.seeds}
-            record = converge_reference(refs, args.min_tokens, ctx.max_tokens, args.tolerance)
-            budget_path = ctx.work_dir / study.key() / f"budget_k{k}.json"
-            _atomic_json(budget_path, record)
+            if getattr(args, "reference_from_results", False):
+                record = stored_reference_budget(
+                    args.results_dir, study, k, plan.seeds, ctx.max_tokens
+                )
+            else:
+                refs = {s: Run(RunSpec(study, REFERENCE, k, s), source, ctx) for s in plan.seeds}
+                record = converge_reference(refs, args.min_tokens, ctx.max_tokens, args.tolerance)
+                budget_path = ctx.work_dir / study.key() / f"budget_k{k}.json"
+                _atomic_json(budget_path, record)
             state = "converged" if record["converged"] else "NOT converged (cap reached)"
+            if getattr(args, "reference_from_results", False):
+                state = f"(stored in {args.results_dir}, not retrained) {state}"
             print(
                 f"{source_name} k={k}: TopK {state} at {record['budget']:,} tokens "
                 f"(last change {record['last_change']})",
@@ -2029,23 +2078,57 @@ class Report:
             lines += self.scale_table(source, k, budget)
         return lines
 
+    def shared_scale(self, source: str, k: int, archs: Sequence[str], budget: int) -> int | None:
+        """The largest checkpoint, at most ``budget``, that every run of ``archs`` reached.
+
+        Rows not trained at this k are left out. A claim compares its rows
+        there: rows extended past the others (TopK to the cap) would otherwise
+        leave the claim with nothing to compare at the final scale.
+        """
+        runs = [r for a in archs for r in self.runs(source, k=k, arch=a)]
+        if not runs:
+            return None
+        common = [t for t in set.intersection(*(set(r.evals) for r in runs)) if t <= budget]
+        return max(common) if common else None
+
     def claim_verdicts(self, source: str, k: int, budget: int) -> list[str]:
+        """The five claims at (source, k), each at the largest scale all its rows reached.
+
+        A claim stated below ``budget`` says at how many tokens; a claim whose
+        rows were not trained at this k says which rows it lacks.
+        """
         lines: list[str] = []
+        trained = set(self.archs(source, k))
 
-        def vals(arch: str, getter: Callable[[dict], Any]) -> list[float]:
-            return self.values(source, k, arch, budget, getter)
+        def scale(archs: Sequence[str]) -> tuple[int, str]:
+            tokens = self.shared_scale(source, k, archs, budget) or budget
+            if tokens == budget:
+                return tokens, ""
+            return tokens, f" (at {tokens:,} tokens, the largest scale all its rows reached)"
 
-        comps = self._claim_comparisons(source, k, budget)
-        seeds_note = " (one seed: 2% margin)" if any(c[3] < 2 for c in comps.values()) else ""
+        def missing(number: int, claim: str, rows: Sequence[str]) -> None:
+            lacking = ", ".join(f"`{a}`" for a in rows if a not in trained)
+            lines.append(
+                f"{number}. **{claim}: not measured at k = {k}** (the study did not train "
+                f"{lacking} at this k)."
+            )
+
         # 1. FC has no dead latents
-        fc = [a for a in ("fc_uniform", "fc_zipf") if vals(a, lambda e: e["trainer_dead"])]
+        claim = "Feature Choice has no dead latents"
+        fc = [a for a in ("fc_uniform", "fc_zipf") if a in trained]
+        others_rows = [a for a in ("topk", "batchtopk", "mc_none", "mc", "mc_auxk") if a in trained]
         if fc:
-            train_dead = [v for a in fc for v in vals(a, lambda e: e["trainer_dead"])]
-            eval_dead = [v for a in fc for v in vals(a, lambda e: e["threshold"]["dead_latents"])]
+            tokens, where = scale(fc)
+
+            def vals1(arch: str, getter: Callable[[dict], Any]) -> list[float]:
+                return self.values(source, k, arch, tokens, getter)
+
+            train_dead = [v for a in fc for v in vals1(a, lambda e: e["trainer_dead"])]
+            eval_dead = [v for a in fc for v in vals1(a, lambda e: e["threshold"]["dead_latents"])]
             others = {
-                a: _ms(vals(a, lambda e: e["trainer_dead"]), "{:.0f}")
-                for a in ("topk", "batchtopk", "mc_none", "mc", "mc_auxk")
-                if vals(a, lambda e: e["trainer_dead"])
+                a: _ms(vals1(a, lambda e: e["trainer_dead"]), "{:.0f}")
+                for a in others_rows
+                if vals1(a, lambda e: e["trainer_dead"])
             }
             verdict = (
                 "holds"
@@ -2057,29 +2140,36 @@ class Report:
                 )
             )
             lines.append(
-                f"1. **Feature Choice has no dead latents: {verdict}.** Dead in training "
+                f"1. **{claim}: {verdict}**{where}. Dead in training "
                 f"(no fire within the trainer's window) over the FC runs: max "
                 f"{max(train_dead):.0f}; never firing on the eval split: max "
                 f"{max(eval_dead):.0f}. Dead in training for comparison: "
                 + (", ".join(f"{a} {v}" for a, v in others.items()) or "–")
                 + "."
             )
+        else:
+            missing(1, claim, ("fc_uniform", "fc_zipf"))
         # 2. better than TopK at equal L0
-        two = {label: c for label, c in comps.items() if label.startswith("2:")}
-        # each rule by its paper row where it was trained, else by the package default
-        tested = {}
-        for rows in (
-            (("MC", "2: MC vs TopK (NMSE)"), ("MC (aux_k)", "2: MC (aux_k) vs TopK (NMSE)")),
-            (
-                ("FC-Zipf", "2: FC-Zipf vs TopK (NMSE)"),
-                ("FC-uniform", "2: FC-uniform vs TopK (NMSE)"),
-            ),
-        ):
-            present = [(name, label) for name, label in rows if label in two]
-            if present:
-                name, label = present[0]
-                tested[name] = two[label][0]
-        if tested:
+        claim = "Feature and Mutual Choice reconstruct better than TopK at equal mean L0"
+        choice = [a for a in ("mc", "mc_auxk", "fc_zipf", "fc_uniform") if a in trained]
+        if choice:
+            tokens, where = scale([REFERENCE, *choice])
+            comps = self._claim_comparisons(source, k, tokens)
+            two = {label: c for label, c in comps.items() if label.startswith("2:")}
+            seeds_note = " (one seed: 2% margin)" if any(c[3] < 2 for c in two.values()) else ""
+            # each rule by its paper row where it was trained, else by the package default
+            tested = {}
+            for rows in (
+                (("MC", "2: MC vs TopK (NMSE)"), ("MC (aux_k)", "2: MC (aux_k) vs TopK (NMSE)")),
+                (
+                    ("FC-Zipf", "2: FC-Zipf vs TopK (NMSE)"),
+                    ("FC-uniform", "2: FC-uniform vs TopK (NMSE)"),
+                ),
+            ):
+                present = [(name, label) for name, label in rows if label in two]
+                if present:
+                    name, label = present[0]
+                    tested[name] = two[label][0]
             outcomes = set(tested.values())
             verdict = (
                 "holds"
@@ -2098,37 +2188,56 @@ class Report:
                 for label, c in two.items()
             )
             l0 = {
-                a: _stats(vals(a, lambda e: e["threshold"]["l0_mean"]))[0]
+                a: _stats(self.values(source, k, a, tokens, lambda e: e["threshold"]["l0_mean"]))[0]
                 for a in ("topk", "mc", "mc_auxk", "fc_zipf", "fc_uniform")
-                if vals(a, lambda e: e["threshold"]["l0_mean"])
+                if self.values(source, k, a, tokens, lambda e: e["threshold"]["l0_mean"])
             }
             l0_text = ", ".join(f"{a} {v:.2f}" for a, v in l0.items())
             lines.append(
-                f"2. **Feature and Mutual Choice reconstruct better than TopK at equal mean L0: "
-                f"{verdict}**{seeds_note}. {parts}. Mean L0 on the eval split: {l0_text}."
+                f"2. **{claim}: {verdict}**{seeds_note}{where}. {parts}. Mean L0 on the eval "
+                f"split: {l0_text}."
             )
-        # 3. Zipf capacities beat uniform
-        if source == "real":
-            z = vals("fc_zipf", lambda e: e["ce"]["threshold"]["ce_recovered"])
-            u = vals("fc_uniform", lambda e: e["ce"]["threshold"]["ce_recovered"])
-            metric, higher = "CE loss recovered", True
         else:
-            z = vals("fc_zipf", lambda e: e["threshold"]["nmse"])
-            u = vals("fc_uniform", lambda e: e["threshold"]["nmse"])
-            metric, higher = "NMSE", False
-        if z and u:
-            verdict, _, margin = compare(z, u, higher)
-            rel = (_stats(z)[0] - _stats(u)[0]) / abs(_stats(u)[0])
-            text = {"better": "holds", "worse": "does not hold", "tie": "inconclusive"}[verdict]
-            if source == "real" and verdict == "better" and rel < 0.10:
-                text = "holds in direction, smaller than the paper's > 10%"
-            lines.append(
-                f"3. **Zipf capacities beat uniform ones (FC): {text}.** {metric}: Zipf "
-                f"{_ms(z)} vs uniform {_ms(u)} (relative {rel:+.1%}, margin {margin:.4f})."
-            )
+            missing(2, claim, ("mc", "mc_auxk", "fc_zipf", "fc_uniform"))
+        # 3. Zipf capacities beat uniform
+        claim = "Zipf capacities beat uniform ones (FC)"
+        if {"fc_zipf", "fc_uniform"} <= trained:
+            tokens, where = scale(["fc_zipf", "fc_uniform"])
+            if source == "real":
+                metric, higher = "CE loss recovered", True
+
+                def get3(e: dict) -> Any:
+                    return e["ce"]["threshold"]["ce_recovered"]
+            else:
+                metric, higher = "NMSE", False
+
+                def get3(e: dict) -> Any:
+                    return e["threshold"]["nmse"]
+
+            z = self.values(source, k, "fc_zipf", tokens, get3)
+            u = self.values(source, k, "fc_uniform", tokens, get3)
+            if z and u:
+                verdict, _, margin = compare(z, u, higher)
+                rel = (_stats(z)[0] - _stats(u)[0]) / abs(_stats(u)[0])
+                text = {"better": "holds", "worse": "does not hold", "tie": "inconclusive"}[verdict]
+                if source == "real" and verdict == "better" and rel < 0.10:
+                    text = "holds in direction, smaller than the paper's > 10%"
+                lines.append(
+                    f"3. **{claim}: {text}**{where}. {metric}: Zipf {_ms(z)} vs uniform "
+                    f"{_ms(u)} (relative {rel:+.1%}, margin {margin:.4f})."
+                )
+        else:
+            missing(3, claim, ("fc_zipf", "fc_uniform"))
         # 4. aux_zipf leaves fewer dead and under-used latents
-        four = {label: c for label, c in comps.items() if label.startswith("4:")}
-        if len(four) == 2:
+        claim = "aux_zipf leaves fewer dead and under-used latents than aux_k or no aux loss"
+        rows4 = ("mc", "mc_auxk", "mc_none")
+        if set(rows4) <= trained:
+            tokens, where = scale(rows4)
+            four = {
+                label: c
+                for label, c in self._claim_comparisons(source, k, tokens).items()
+                if label.startswith("4:")
+            }
             verdicts = [c[0] for c in four.values()]
             text = (
                 "holds"
@@ -2138,21 +2247,41 @@ class Report:
                 else "inconclusive"
             )
             counts = ", ".join(
-                f"{a} {_ms(vals(a, lambda e: e['threshold']['underused_latents']), '{:.0f}')} "
-                f"(dead {_ms(vals(a, lambda e: e['threshold']['dead_latents']), '{:.0f}')})"
-                for a in ("mc", "mc_auxk", "mc_none")
+                f"{a} "
+                + _ms(
+                    self.values(
+                        source, k, a, tokens, lambda e: e["threshold"]["underused_latents"]
+                    ),
+                    "{:.0f}",
+                )
+                + " (dead "
+                + _ms(
+                    self.values(source, k, a, tokens, lambda e: e["threshold"]["dead_latents"]),
+                    "{:.0f}",
+                )
+                + ")"
+                for a in rows4
             )
             lines.append(
-                f"4. **aux_zipf leaves fewer dead and under-used latents than aux_k or no aux "
-                f"loss: {text}.** Under-used on the eval split (Mutual Choice): {counts}."
+                f"4. **{claim}: {text}**{where}. Under-used on the eval split (Mutual Choice): "
+                f"{counts}."
             )
+        else:
+            missing(4, claim, rows4)
         # 5. densities follow a Zipf law (architectures whose densities are not imposed)
-        free = [a for a in ("topk", "batchtopk", "mc", "mc_auxk", "mc_none")]
-        window = [v for a in free for v in vals(a, lambda e: e["threshold"]["zipf_window"]["r2"])]
-        pure = [
-            v for a in free for v in vals(a, lambda e: e["threshold"]["zipf_pure_window"]["r2"])
-        ]
-        every = [v for a in free for v in vals(a, lambda e: e["threshold"]["zipf_all_ranks"]["r2"])]
+        free = [a for a in ("topk", "batchtopk", "mc", "mc_auxk", "mc_none") if a in trained]
+        tokens, where = scale(free)
+
+        def free_vals(key: str) -> list[float]:
+            return [
+                v
+                for a in free
+                for v in self.values(source, k, a, tokens, lambda e: e["threshold"][key]["r2"])
+            ]
+
+        window, pure, every = (
+            free_vals(key) for key in ("zipf_window", "zipf_pure_window", "zipf_all_ranks")
+        )
         if window:
             m_pure, m_window = _stats(pure)[0], _stats(window)[0]
             text = (
@@ -2164,7 +2293,7 @@ class Report:
             )
             lines.append(
                 f"5. **Latent densities follow a Zipf law: {text}** (TopK, BatchTopK and MC "
-                f"runs; FC densities are imposed). R² on the middle window: Zipf–Mandelbrot "
+                f"runs; FC densities are imposed){where}. R² on the middle window: Zipf–Mandelbrot "
                 f"{_ms(window, '{:.3f}')}, pure Zipf (β = 0) {_ms(pure, '{:.3f}')}; over all "
                 f"live ranks {_ms(every, '{:.3f}')} (paper: 0.982 all ranks, 0.996 window)."
             )
@@ -2338,6 +2467,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="TopK converged when its NMSE moves less than this (relative)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="default 4096")
+    p.add_argument(
+        "--reference-from-results",
+        action="store_true",
+        help="do not train TopK: train the other --archs to the budget stored with TopK's "
+        "evaluations in --results-dir (or to --max-tokens if smaller), against which the "
+        "report compares them",
+    )
     p.add_argument(
         "--lr", type=float, default=None, help="default: Gao et al.'s 2e-4 * sqrt(2^14 / d_sae)"
     )
@@ -2651,6 +2787,16 @@ def _run(args: argparse.Namespace, settings: dict[str, StudySettings]) -> int | 
             _atomic_json(args.work_dir / settings[name].key() / "estimates.json", figures)
     if args.estimate_only:
         return 0
+    if args.reference_from_results:
+        try:  # before any training: every (source, k) needs its stored TopK
+            for name in plan.sources:
+                for k in plan.ks:
+                    stored_reference_budget(
+                        args.results_dir, settings[name], k, plan.seeds, args.max_tokens
+                    )
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         run_plan(plan, ctx, settings, args)
     except BudgetExhausted as error:

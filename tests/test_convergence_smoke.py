@@ -223,6 +223,68 @@ def test_claims_use_the_default_rows_when_the_paper_rows_were_not_trained(
     assert "mc_auxk" in claim  # its mean L0 is listed
 
 
+def test_rows_train_against_the_stored_topk_without_retraining_it(
+    quick_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, _ = quick_run
+    results = tmp_path / "results"
+    shutil.copytree(work / "results", results)
+    fresh = tmp_path / "work"
+    args = ["--work-dir", str(fresh), "--results-dir", str(results), "--estimate-steps", "0"]
+    out = ["--output", str(tmp_path / "docs")]
+    assert convergence.main([*QUICK, *args, *out, "--reference-from-results"]) == 0
+    assert not list(fresh.glob("synthetic_*/topk_k16_s0"))  # TopK was not retrained
+    assert not list(fresh.glob("synthetic_*/budget_k16.json"))
+    # the other rows see the same data and initialisation as beside TopK
+    reference = _evals(work, "fc_zipf")
+    trained = _evals(fresh, "fc_zipf")
+    assert sorted(trained) == sorted(reference) == [2**13, 2**14]
+    for mode in ("threshold", "batch", "saved"):
+        assert trained[2**14][mode]["nmse"] == reference[2**14][mode]["nmse"], mode
+    # a --max-tokens below the stored budget stops at that checkpoint, which TopK has
+    lower = tmp_path / "lower"
+    args = ["--work-dir", str(lower), "--results-dir", str(results), "--estimate-steps", "0"]
+    cap = ["--min-tokens", "8192", "--max-tokens", "8192"]
+    assert convergence.main([*QUICK, *args, *out, *cap, "--reference-from-results"]) == 0
+    assert sorted(_evals(lower, "fc_zipf")) == [2**13]
+    # without stored TopK evaluations the run stops before training, naming the fix
+    empty = ["--work-dir", str(tmp_path / "w2"), "--results-dir", str(tmp_path / "none")]
+    capsys.readouterr()
+    assert convergence.main([*QUICK, *empty, *out, "--reference-from-results"]) == 2
+    assert "train TopK for synthetic k=16 first" in capsys.readouterr().err
+    assert not list((tmp_path / "w2").glob("*/*/evals/*.json"))
+
+
+def test_each_claim_is_stated_at_the_largest_scale_its_rows_share(
+    quick_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # TopK extended past the other rows once left claims 1 and 2 out of the
+    # results page: they were looked up only at TopK's final scale
+    work, _ = quick_run
+    results = tmp_path / "results"
+    shutil.copytree(work / "results", results)
+    (last,) = results.glob("synthetic_*/fc_zipf_k16_s0/evals/tokens_000000016384.json")
+    last.unlink()
+    args = ["--work-dir", str(tmp_path / "work"), "--results-dir", str(results), "--report"]
+    assert convergence.main([*QUICK, *args, "--output", str(tmp_path / "docs")]) == 0
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "#### k = 16, at the final scale (16,384 tokens)" in page
+    claims = {
+        line[0]: line
+        for line in page.splitlines()
+        if line[:3] in {"1. ", "2. ", "3. ", "4. ", "5. "}
+    }
+    assert sorted(claims) == ["1", "2", "3", "4", "5"]
+    shared = "at 8,192 tokens, the largest scale all its rows reached"
+    assert shared in claims["1"] and shared in claims["2"]
+    assert "FC-Zipf vs TopK (NMSE)" in claims["2"]
+    assert "8,192" not in claims["5"]  # TopK alone: the final scale
+    # the claims whose rows were not trained say so and name the rows
+    assert "not measured at k = 16" in claims["3"] and "`fc_uniform`" in claims["3"]
+    assert "`fc_zipf`" not in claims["3"]
+    assert "`mc`, `mc_auxk`, `mc_none`" in claims["4"]
+
+
 def test_budget_stops_between_checkpoints(tmp_path: Path) -> None:
     work = tmp_path / "work"
     args = [*QUICK, "--work-dir", str(work), "--output", str(tmp_path / "docs")]
