@@ -2295,7 +2295,18 @@ class Report:
                 f"5. **Latent densities follow a Zipf law: {text}** (TopK, BatchTopK and MC "
                 f"runs; FC densities are imposed){where}. R² on the middle window: Zipf–Mandelbrot "
                 f"{_ms(window, '{:.3f}')}, pure Zipf (β = 0) {_ms(pure, '{:.3f}')}; over all "
-                f"live ranks {_ms(every, '{:.3f}')} (paper: 0.982 all ranks, 0.996 window)."
+                f"live ranks {_ms(every, '{:.3f}')} (paper: 0.982 all ranks, 0.996 window). "
+                "Zipf–Mandelbrot window R² by row: "
+                + ", ".join(
+                    f"{a} {_stats(v)[0]:.3f}"
+                    for a in free
+                    if (
+                        v := self.values(
+                            source, k, a, tokens, lambda e: e["threshold"]["zipf_window"]["r2"]
+                        )
+                    )
+                )
+                + "."
             )
         lines.append("")
         return lines
@@ -2315,10 +2326,12 @@ class Report:
             "|---|" + "---|" * (len(tokens) + 1),
         ]
         for label, cells in rows.items():
-            final = cells[-1]
+            # a row that stopped before the last column holds from its own last cell
+            filled = [i for i, cell in enumerate(cells) if cell]
             since = ""
-            if final:
-                i = len(cells) - 1
+            if filled:
+                i = filled[-1]
+                final = cells[i]
                 while i > 0 and cells[i - 1] == final:
                     i -= 1
                 since = f"{final} since {_tokens_label(tokens[i])}"

@@ -279,6 +279,10 @@ def test_each_claim_is_stated_at_the_largest_scale_its_rows_share(
     assert shared in claims["1"] and shared in claims["2"]
     assert "FC-Zipf vs TopK (NMSE)" in claims["2"]
     assert "8,192" not in claims["5"]  # TopK alone: the final scale
+    assert "window R² by row: topk 0." in claims["5"]
+    # the scale table reads a row that stopped early from its own last cell
+    (row,) = [line for line in page.splitlines() if line.startswith("| 2: FC-Zipf vs TopK")]
+    assert row.split("|")[-2].strip().endswith("since 2^13")
     # the claims whose rows were not trained say so and name the rows
     assert "not measured at k = 16" in claims["3"] and "`fc_uniform`" in claims["3"]
     assert "`fc_zipf`" not in claims["3"]
