@@ -1222,27 +1222,31 @@ def stored_reference_budget(
     return record
 
 
-def run_plan(plan: Plan, ctx: Context, settings: dict[str, StudySettings], args: Any) -> None:
+def run_plan(
+    plan: Plan,
+    ctx: Context,
+    settings: dict[str, StudySettings],
+    args: Any,
+    stored: dict[tuple[str, int], dict[str, Any]] | None = None,
+) -> None:
     """For each source and k: converge TopK over the seeds, then train the rest to its budget.
 
-    With ``args.reference_from_results`` TopK is not trained: its stored
-    budget (:func:`stored_reference_budget`) is used.
+    With ``stored`` (``--reference-from-results``: each (source, k)'s
+    :func:`stored_reference_budget`) TopK is not trained: that budget is used.
     """
     for source_name in plan.sources:
         source = ctx.sources[source_name]
         study = settings[source_name]
         for k in plan.ks:
-            if getattr(args, "reference_from_results", False):
-                record = stored_reference_budget(
-                    args.results_dir, study, k, plan.seeds, ctx.max_tokens
-                )
+            if stored is not None:
+                record = stored[(source_name, k)]
             else:
                 refs = {s: Run(RunSpec(study, REFERENCE, k, s), source, ctx) for s in plan.seeds}
                 record = converge_reference(refs, args.min_tokens, ctx.max_tokens, args.tolerance)
                 budget_path = ctx.work_dir / study.key() / f"budget_k{k}.json"
                 _atomic_json(budget_path, record)
             state = "converged" if record["converged"] else "NOT converged (cap reached)"
-            if getattr(args, "reference_from_results", False):
+            if stored is not None:
                 state = f"(stored in {args.results_dir}, not retrained) {state}"
             print(
                 f"{source_name} k={k}: TopK {state} at {record['budget']:,} tokens "
@@ -2100,6 +2104,9 @@ class Report:
         lines: list[str] = []
         trained = set(self.archs(source, k))
 
+        def vals(arch: str, tokens: int, getter: Callable[[dict], Any]) -> list[float]:
+            return self.values(source, k, arch, tokens, getter)
+
         def scale(archs: Sequence[str]) -> tuple[int, str]:
             tokens = self.shared_scale(source, k, archs, budget) or budget
             if tokens == budget:
@@ -2119,16 +2126,14 @@ class Report:
         others_rows = [a for a in ("topk", "batchtopk", "mc_none", "mc", "mc_auxk") if a in trained]
         if fc:
             tokens, where = scale(fc)
-
-            def vals1(arch: str, getter: Callable[[dict], Any]) -> list[float]:
-                return self.values(source, k, arch, tokens, getter)
-
-            train_dead = [v for a in fc for v in vals1(a, lambda e: e["trainer_dead"])]
-            eval_dead = [v for a in fc for v in vals1(a, lambda e: e["threshold"]["dead_latents"])]
+            train_dead = [v for a in fc for v in vals(a, tokens, lambda e: e["trainer_dead"])]
+            eval_dead = [
+                v for a in fc for v in vals(a, tokens, lambda e: e["threshold"]["dead_latents"])
+            ]
             others = {
-                a: _ms(vals1(a, lambda e: e["trainer_dead"]), "{:.0f}")
+                a: _ms(vals(a, tokens, lambda e: e["trainer_dead"]), "{:.0f}")
                 for a in others_rows
-                if vals1(a, lambda e: e["trainer_dead"])
+                if vals(a, tokens, lambda e: e["trainer_dead"])
             }
             verdict = (
                 "holds"
@@ -2188,9 +2193,9 @@ class Report:
                 for label, c in two.items()
             )
             l0 = {
-                a: _stats(self.values(source, k, a, tokens, lambda e: e["threshold"]["l0_mean"]))[0]
+                a: _stats(v)[0]
                 for a in ("topk", "mc", "mc_auxk", "fc_zipf", "fc_uniform")
-                if self.values(source, k, a, tokens, lambda e: e["threshold"]["l0_mean"])
+                if (v := vals(a, tokens, lambda e: e["threshold"]["l0_mean"]))
             }
             l0_text = ", ".join(f"{a} {v:.2f}" for a, v in l0.items())
             lines.append(
@@ -2214,8 +2219,8 @@ class Report:
                 def get3(e: dict) -> Any:
                     return e["threshold"]["nmse"]
 
-            z = self.values(source, k, "fc_zipf", tokens, get3)
-            u = self.values(source, k, "fc_uniform", tokens, get3)
+            z = vals("fc_zipf", tokens, get3)
+            u = vals("fc_uniform", tokens, get3)
             if z and u:
                 verdict, _, margin = compare(z, u, higher)
                 rel = (_stats(z)[0] - _stats(u)[0]) / abs(_stats(u)[0])
@@ -2247,19 +2252,8 @@ class Report:
                 else "inconclusive"
             )
             counts = ", ".join(
-                f"{a} "
-                + _ms(
-                    self.values(
-                        source, k, a, tokens, lambda e: e["threshold"]["underused_latents"]
-                    ),
-                    "{:.0f}",
-                )
-                + " (dead "
-                + _ms(
-                    self.values(source, k, a, tokens, lambda e: e["threshold"]["dead_latents"]),
-                    "{:.0f}",
-                )
-                + ")"
+                f"{a} {_ms(vals(a, tokens, lambda e: e['threshold']['underused_latents']), '{:.0f}')}"
+                f" (dead {_ms(vals(a, tokens, lambda e: e['threshold']['dead_latents']), '{:.0f}')})"
                 for a in rows4
             )
             lines.append(
@@ -2272,15 +2266,14 @@ class Report:
         free = [a for a in ("topk", "batchtopk", "mc", "mc_auxk", "mc_none") if a in trained]
         tokens, where = scale(free)
 
-        def free_vals(key: str) -> list[float]:
-            return [
-                v
-                for a in free
-                for v in self.values(source, k, a, tokens, lambda e: e["threshold"][key]["r2"])
-            ]
-
+        # R² of each fit by row; the verdict pools the rows
+        r2 = {
+            key: {a: vals(a, tokens, lambda e, key=key: e["threshold"][key]["r2"]) for a in free}
+            for key in ("zipf_window", "zipf_pure_window", "zipf_all_ranks")
+        }
         window, pure, every = (
-            free_vals(key) for key in ("zipf_window", "zipf_pure_window", "zipf_all_ranks")
+            [v for by_row in r2[key].values() for v in by_row]
+            for key in ("zipf_window", "zipf_pure_window", "zipf_all_ranks")
         )
         if window:
             m_pure, m_window = _stats(pure)[0], _stats(window)[0]
@@ -2297,15 +2290,7 @@ class Report:
                 f"{_ms(window, '{:.3f}')}, pure Zipf (β = 0) {_ms(pure, '{:.3f}')}; over all "
                 f"live ranks {_ms(every, '{:.3f}')} (paper: 0.982 all ranks, 0.996 window). "
                 "Zipf–Mandelbrot window R² by row: "
-                + ", ".join(
-                    f"{a} {_stats(v)[0]:.3f}"
-                    for a in free
-                    if (
-                        v := self.values(
-                            source, k, a, tokens, lambda e: e["threshold"]["zipf_window"]["r2"]
-                        )
-                    )
-                )
+                + ", ".join(f"{a} {_stats(v)[0]:.3f}" for a, v in r2["zipf_window"].items() if v)
                 + "."
             )
         lines.append("")
@@ -2800,18 +2785,21 @@ def _run(args: argparse.Namespace, settings: dict[str, StudySettings]) -> int | 
             _atomic_json(args.work_dir / settings[name].key() / "estimates.json", figures)
     if args.estimate_only:
         return 0
+    stored = None
     if args.reference_from_results:
         try:  # before any training: every (source, k) needs its stored TopK
-            for name in plan.sources:
-                for k in plan.ks:
-                    stored_reference_budget(
-                        args.results_dir, settings[name], k, plan.seeds, args.max_tokens
-                    )
+            stored = {
+                (name, k): stored_reference_budget(
+                    args.results_dir, settings[name], k, plan.seeds, args.max_tokens
+                )
+                for name in plan.sources
+                for k in plan.ks
+            }
         except FileNotFoundError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
     try:
-        run_plan(plan, ctx, settings, args)
+        run_plan(plan, ctx, settings, args, stored)
     except BudgetExhausted as error:
         print(f"stopped: {error}; run the same command again to continue", flush=True)
     finally:
